@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv themselves.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DEMO    ?= .demo
+CYCLES  ?= 3
+PG_URL  ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+
+.PHONY: setup demo test test-fast bench clean
+
+# CPU build of torch first when there is no CUDA: otherwise pip resolves `torch` to the
+# multi-GB CUDA build. The stamp makes repeated runs instant.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install -q torch; \
+	else \
+	  $(BIN)/python -m pip install -q torch==2.13.0 || \
+	  $(BIN)/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/dreamd init $(DEMO)
+	$(BIN)/dreamd run --config $(DEMO)/dreamd.toml --cycles $(CYCLES)
+	$(BIN)/dreamd history --config $(DEMO)/dreamd.toml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/context_frozen.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

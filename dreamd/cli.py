@@ -1,0 +1,163 @@
+"""`dreamd` command line. Tiny on purpose: parse, load config, hand over.
+
+Every error a user can cause is a UsageError: one line on stderr, exit code 2, no traceback.
+Heavy imports (torch, transformers) happen inside the commands that need them, so `dreamd
+status`, `pause` and `resume` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dreamd.errors import UsageError
+
+DEFAULT_CONFIG = "dreamd.toml"
+
+
+def _config(args: argparse.Namespace):
+    from dreamd.config import load_config
+
+    path = Path(args.config) if args.config else None
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = Path(DEFAULT_CONFIG)
+    return load_config(path)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from dreamd.init import init_dir
+
+    cfg_path = init_dir(Path(args.dir), arch=args.arch, hidden=args.hidden, layers=args.layers,
+                        seed=args.seed, force=args.force)
+    print(f"dreamd: wrote {cfg_path}; next: dreamd run --config {cfg_path} --cycles 3")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dreamd.daemon import run_daemon
+
+    cfg = _config(args)
+    if args.cycles is not None:
+        cfg.run.cycles = args.cycles
+    return run_daemon(cfg, once=args.command == "once", schedule=not args.now)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dreamd.status import print_status
+
+    return print_status(_config(args), as_json=args.json)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from dreamd.status import print_history
+
+    return print_history(_config(args), as_json=args.json, limit=args.limit)
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    import signal
+
+    from dreamd.service.control import signal_daemon
+
+    cfg = _config(args)
+    sig = signal.SIGUSR1 if args.command == "pause" else signal.SIGUSR2
+    pid = signal_daemon(cfg.run.state_dir, sig)
+    print(f"dreamd: sent {sig.name} to pid {pid} ({args.command})")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from dreamd.store.db import Store
+
+    cfg = _config(args)
+    store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)
+    before = store.current_revision()
+    store.upgrade()
+    print(f"dreamd: store {store.display_url} at revision {store.current_revision()} (was {before})")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from dreamd.config import explain, to_toml
+
+    if args.explain:
+        print("\n".join(explain()))
+    else:
+        print(to_toml(_config(args)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dreamd.evals.report import write_report
+
+    cfg = _config(args)
+    out = write_report(cfg, Path(args.out) if args.out else cfg.run.state_dir / "report")
+    print(f"dreamd: report written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dreamd", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", "-c", help=f"TOML config (default: ./{DEFAULT_CONFIG} if present)")
+        return sp
+
+    sp = sub.add_parser("init", help="write a CPU-ready setup: tiny model, tokenizer, config, store")
+    sp.add_argument("dir")
+    sp.add_argument("--arch", choices=["llama", "qwen3.5"], default="llama")
+    sp.add_argument("--hidden", type=int, default=64)
+    sp.add_argument("--layers", type=int, default=4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--force", action="store_true", help="overwrite an existing setup in DIR")
+    sp.set_defaults(func=cmd_init)
+
+    for name, helptext in (("run", "run the dream loop (foreground) for run.cycles cycles, 0 = forever"),
+                           ("once", "run exactly one cycle now and exit")):
+        sp = with_config(sub.add_parser(name, help=helptext))
+        sp.add_argument("--cycles", type=int, help="override run.cycles")
+        sp.add_argument("--now", action="store_true", help="ignore the schedule: run cycles back to back")
+        sp.set_defaults(func=cmd_run)
+
+    sp = with_config(sub.add_parser("status", help="phase, cycle, step, paused, next cycle and why not now"))
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+
+    sp = with_config(sub.add_parser("history", help="table of cycles (the cycle_summary view)"))
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.set_defaults(func=cmd_history)
+
+    for name in ("pause", "resume"):
+        sp = with_config(sub.add_parser(name, help=f"{name} the running daemon at the next step boundary"))
+        sp.set_defaults(func=cmd_signal)
+
+    sp = with_config(sub.add_parser("db", help="store maintenance"))
+    sp.add_argument("action", choices=["upgrade"])
+    sp.set_defaults(func=cmd_db)
+
+    sp = with_config(sub.add_parser("config", help="print the resolved config as TOML"))
+    sp.add_argument("--explain", action="store_true", help="every field with its default and meaning")
+    sp.set_defaults(func=cmd_config)
+
+    sp = with_config(sub.add_parser("report", help="write an HTML report with plots from the store"))
+    sp.add_argument("--out", help="output directory (default: <state_dir>/report)")
+    sp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dreamd.log import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"dreamd: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,38 @@
+"""Logging: structlog, JSON lines when stderr is not a terminal (systemd's journal, CI), readable
+console lines with progress bars when it is."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty() and os.environ.get("DREAMD_LOG_FORMAT", "") != "json"
+
+
+def setup_logging(level: str = "info") -> None:
+    renderer = (structlog.dev.ConsoleRenderer(colors=True) if interactive()
+                else structlog.processors.JSONRenderer(sort_keys=False))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # transformers / bitsandbytes chatter (missing optional kernels) is not ours to show each run.
+    for noisy in ("transformers", "bitsandbytes", "alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def get_logger(name: str = "dreamd") -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)
