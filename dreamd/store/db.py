@@ -1,0 +1,300 @@
+"""Connecting to the store and migrating it.
+
+SQLite (the embedded default) is opened in WAL mode with foreign keys on, synchronous=NORMAL
+(FACTS.md: committed rows survive a process crash; only a power loss may drop the last
+commits) and a busy timeout. Write transactions open with BEGIN IMMEDIATE: in WAL a
+transaction that reads and then writes gets SQLITE_BUSY at once, ignoring busy_timeout, when
+another connection wrote in between; taking the write lock at BEGIN makes it wait instead.
+SQLAlchemy's pysqlite recipe does this: the driver's own transaction handling is switched off
+(isolation_level None) and a `begin` event emits BEGIN IMMEDIATE (or plain BEGIN for reads).
+
+PostgreSQL is used by URL (postgresql+psycopg://user@host/db). The schema comes only from
+Alembic migrations in <repo>/migrations, configured here in code (no alembic.ini, no cwd).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.orm import Session, sessionmaker
+
+import dreamd
+from dreamd.errors import UsageError
+
+MIGRATIONS_DIR = Path(dreamd.__file__).resolve().parent.parent / "migrations"
+
+# Execution option read by the SQLite `begin` hook: "IMMEDIATE" (default, writers) or
+# "DEFERRED" (read-only work, which must not queue behind the writer).
+SQLITE_BEGIN = "dreamd_sqlite_begin"
+
+# LAG() in the metric_trend view needs window functions: SQLite 3.25 (2018).
+MIN_SQLITE = (3, 25, 0)
+
+
+def redact(url: str | URL) -> str:
+    """The URL as it may be shown: the password replaced by ***."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def parse_store_url(url: str) -> URL:
+    """Parse and check a store URL: sqlite:///PATH or postgresql+psycopg://user@host/db.
+
+    `postgresql://` and `postgres://` are taken as psycopg 3 (the driver dreamd ships with).
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(f"store url {redact(url)!r} is not a SQLAlchemy URL; set store.url to "
+                         "sqlite:///PATH or postgresql+psycopg://user@host/db") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise UsageError(f"store url {redact(parsed)!r} uses {parsed.get_backend_name()!r}; dreamd "
+                         "stores support sqlite:///PATH and postgresql+psycopg://user@host/db")
+    return parsed
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    db = url.database
+    return None if not db or db == ":memory:" or db.startswith("file:") else Path(db)
+
+
+def create_store_engine(url: URL, busy_timeout_ms: int = 10_000) -> Engine:
+    """An Engine with dreamd's connection settings (see the module docstring)."""
+    if url.get_backend_name() == "postgresql":
+        # connect_timeout: an unreachable server fails in seconds, not the OS's ~2 minutes.
+        # pool_pre_ping: a long-running daemon outlives server restarts.
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10},
+                             json_serializer=_json_dumps)
+
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise UsageError(f"SQLite {sqlite3.sqlite_version} is too old for the store (needs >= "
+                         f"{'.'.join(map(str, MIN_SQLITE))} for window functions); use a newer "
+                         "Python build or a PostgreSQL store.url")
+    engine = create_engine(url, json_serializer=_json_dumps)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")  # first: WAL switch may wait
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+@contextmanager
+def sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """Run a migration with foreign keys off (SQLite batch mode recreates tables, and dropping
+    a referenced table with foreign keys on would delete or fail). PRAGMA foreign_keys is a
+    no-op inside a transaction, so it is set on the driver connection before BEGIN. Afterwards
+    PRAGMA foreign_key_check must find no broken reference. No-op on PostgreSQL."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    assert not connection.in_transaction(), "foreign_keys can only change outside a transaction"
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    raw.execute("PRAGMA foreign_keys = OFF")
+    try:
+        yield
+        broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RuntimeError(f"migration left {len(broken)} broken foreign keys, "
+                               f"first: {broken[0]}")
+    finally:
+        raw.execute("PRAGMA foreign_keys = ON")
+
+
+def refuse_foreign_tables(connection: Connection) -> None:
+    """Called by migrations/env.py, under the migration lock, when the store has no revision:
+    tables there mean the URL points at someone else's database."""
+    tables = set(inspect(connection).get_table_names()) - {"alembic_version"}
+    if tables:
+        raise UsageError(f"store at {redact(connection.engine.url)} has tables "
+                         f"({', '.join(sorted(tables)[:5])}) but no dreamd schema revision; "
+                         "point store.url at an empty or dreamd-made database")
+
+
+def alembic_config() -> AlembicConfig:
+    """Alembic configured in code: the script directory is <repo>/migrations."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, f"no migrations found in {MIGRATIONS_DIR}"
+    return head
+
+
+@dataclass(frozen=True)
+class UpgradeResult:
+    from_revision: str | None
+    """Revision before the upgrade (None: the store was empty)."""
+    to_revision: str
+    backup: Path | None
+    """SQLite only: the copy taken before migrating a non-empty store, if anything was pending."""
+
+    def __str__(self) -> str:
+        if self.from_revision == self.to_revision:
+            return f"store at revision {self.to_revision} (up to date)"
+        saved = f"; backup {self.backup}" if self.backup else ""
+        return f"store upgraded {self.from_revision or '(empty)'} -> {self.to_revision}{saved}"
+
+
+class Database:
+    """An open store: engine, transactions, migrations. `Store` (record.py) adds the rows."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._write = sessionmaker(engine, expire_on_commit=False)
+        self._read = sessionmaker(engine.execution_options(**{SQLITE_BEGIN: "DEFERRED"}),
+                                  expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str, busy_timeout_ms: int = 10_000, retries: int = 0,
+             retry_delay_s: float = 0.5) -> Self:
+        """Connect to the store at `url` (creating a SQLite file's directory).
+
+        Retries `retries` times with exponential backoff from `retry_delay_s` (0.5, 1, 2, ...
+        seconds). Raises UsageError with one line when the URL is bad or the store is
+        unreachable. Does not migrate: call upgrade().
+        """
+        parsed = parse_store_url(url)
+        sqlite_file = _sqlite_file(parsed) if parsed.get_backend_name() == "sqlite" else None
+        if sqlite_file is not None:
+            try:
+                sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"store unreachable at {redact(parsed)}: cannot create "
+                                 f"{sqlite_file.parent}: {exc.strerror}; check store.url or "
+                                 "run.state_dir") from None
+        try:
+            engine = create_store_engine(parsed, busy_timeout_ms)
+        except (NoSuchModuleError, ImportError) as exc:
+            raise UsageError(f"store url {redact(parsed)!r} needs a driver that is not "
+                             f"installed ({exc}); use postgresql+psycopg://") from None
+        for attempt in range(retries + 1):
+            try:
+                with engine.connect():  # connecting runs the PRAGMAs: SQLite opens the file
+                    pass
+                return cls(engine)
+            except DBAPIError as exc:
+                if attempt == retries:
+                    engine.dispose()
+                    raise UsageError(f"store unreachable at {redact(parsed)}: {_reason(exc)}; "
+                                     "check store.url or that the server runs") from None
+                time.sleep(retry_delay_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    @property
+    def dialect(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return self.engine.dialect.name
+
+    @property
+    def url(self) -> str:
+        """The store URL without its password."""
+        return redact(self.engine.url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- transactions ------------------------------------------------------------------------
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite): commits when the block ends,
+        rolls back if it raises. Objects stay readable after commit (expire_on_commit off)."""
+        with self._write.begin() as s:
+            yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction (plain BEGIN on SQLite: never waits for the writer)."""
+        with self._read.begin() as s:
+            yield s
+
+    # ---- migrations --------------------------------------------------------------------------
+    def current_revision(self) -> str | None:
+        """The Alembic revision the store is at; None for an empty store."""
+        with self._read.begin() as s:
+            return MigrationContext.configure(s.connection()).get_current_revision()
+
+    def upgrade(self, revision: str = "head") -> UpgradeResult:
+        """Migrate to `revision` (default: the newest). On SQLite a non-empty store is first
+        copied to <file>.bak-<its revision> when a migration is pending (pysqlite does not
+        always keep DDL transactional, FACTS.md)."""
+        cfg = alembic_config()
+        script = ScriptDirectory.from_config(cfg)
+        target = script.get_revision(revision)
+        assert target is not None, f"unknown revision {revision!r}"
+        before = self.current_revision()
+        backup = None
+        if before is not None and before != target.revision and self.dialect == "sqlite":
+            backup = self._backup_sqlite(before)
+        self._run_alembic(command.upgrade, revision)
+        after = self.current_revision()
+        assert after is not None
+        return UpgradeResult(before, after, backup)
+
+    def downgrade(self, revision: str) -> None:
+        """Migrate down to `revision` ('base' removes every table). For developers and tests."""
+        self._run_alembic(command.downgrade, revision)
+
+    def _run_alembic(self, fn: Callable[[AlembicConfig, str], None], revision: str) -> None:
+        cfg = alembic_config()
+        with self.engine.connect() as conn:
+            cfg.attributes["connection"] = conn  # migrations/env.py uses it
+            fn(cfg, revision)
+
+    def _backup_sqlite(self, revision: str) -> Path:
+        src = _sqlite_file(self.engine.url)
+        assert src is not None, "backups are for file stores"
+        dst = src.with_name(f"{src.name}.bak-{revision}")
+        n = 1
+        while dst.exists():  # never overwrite an older backup of the same revision
+            dst = src.with_name(f"{src.name}.bak-{revision}.{n}")
+            n += 1
+        # The backup API copies a consistent snapshot including WAL frames not yet in the
+        # main file; copying the file alone would miss them.
+        with closing(sqlite3.connect(src)) as s, closing(sqlite3.connect(dst)) as d:
+            s.backup(d)
+        return dst
+
+
+def _json_dumps(value: object) -> str:
+    # Readable in a sqlite3 shell (no \uXXXX escapes); Paths and the like become strings.
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _reason(exc: DBAPIError) -> str:
+    """The driver's message as one line (psycopg's spans several)."""
+    text = str(exc.orig) if exc.orig is not None else str(exc)
+    return " ".join(text.split()) or type(exc.orig).__name__
