@@ -1,0 +1,331 @@
+"""Recording a run: the rows the cycle writes, and the summaries people read.
+
+Every write is its own short transaction, committed when the call returns, so a crash loses at
+most the call in progress (FACTS.md: committed rows survive SIGKILL). Reads use read-only
+transactions that never wait for the writer.
+
+    store = Store.open(cfg.store_url, cfg.store.busy_timeout_ms, cfg.store.connect_retries)
+    store.upgrade()
+    run = store.find_resumable_run(cfg.run.name)
+    run_id = run.id if run else store.start_run(cfg.run.name, cfg.resolved_json(), path, seed)
+    cycle_id = store.start_cycle(run_id, number=1, lr=1e-5, general_share=0.25, n_examples=24)
+    sid, duplicate_of = store.add_scenario(run_id, cycle_id, scenario, "accepted")
+    store.add_train_step(run_id, cycle_id, step=1, metrics={...}, scenario_ids=[sid, ...])
+    store.finish_cycle(cycle_id, "committed")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sqlalchemy import func, insert, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+import dreamd
+from dreamd.dream.scenario import Scenario as DreamScenario
+from dreamd.store.db import Database
+from dreamd.store.models import (
+    CHECKPOINT_STATUSES,
+    CYCLE_STATUSES,
+    RUN_STATUSES,
+    SCENARIO_STATUSES,
+    Checkpoint,
+    Cycle,
+    Decision,
+    Eval,
+    Event,
+    Phase,
+    Run,
+    Scenario,
+    StepExample,
+    TrainStep,
+    UTCDateTime,
+    utcnow,
+)
+
+# train_steps columns a step's metrics may fill; the first six are required.
+STEP_REQUIRED = ("lr", "tokens", "n_behavioral", "n_general", "wall_ms", "tokens_per_s")
+STEP_OPTIONAL = ("loss", "grad_norm", "pad_fraction", "peak_mem_bytes", "update_landed", "skipped")
+
+
+class SavedScenario(NamedTuple):
+    id: int
+    duplicate_of: int | None
+    """Set when the content was already in the store: the row was stored as a rejected
+    duplicate (or, for a probe, as a probe pointing at the earlier copy)."""
+
+
+class Superseded(NamedTuple):
+    steps: int
+    cycles: int
+    checkpoints: int
+
+
+def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+
+
+class Store(Database):
+    """The dreamd store: `Database` (connection, migrations) plus the recording API."""
+
+    # ---- runs --------------------------------------------------------------------------------
+    def start_run(self, name: str, config_json: str | Mapping[str, Any], model_path: str | Path,
+                  seed: int) -> int:
+        """A new run row (status 'running'); returns its id. `config_json`: the resolved
+        config, as JSON text (Config.resolved_json()) or a dict."""
+        config = json.loads(config_json) if isinstance(config_json, str) else dict(config_json)
+        with self.session() as s:
+            run = Run(name=name, config_json=config, model_path=str(model_path), seed=seed,
+                      dreamd_version=dreamd.__version__)
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def find_resumable_run(self, name: str) -> Run | None:
+        """The newest unfinished ('running' or 'stopped') run of this name, or None."""
+        with self.read() as s:
+            return s.scalars(select(Run)
+                             .where(Run.name == name, Run.status.in_(("running", "stopped")))
+                             .order_by(Run.id.desc()).limit(1)).first()
+
+    def set_run_status(self, run_id: int, status: str) -> None:
+        """'finished' and 'failed' stamp finished_at; 'running' (resumed) clears it."""
+        _check(status, RUN_STATUSES, "run status")
+        finished = utcnow() if status in ("finished", "failed") else None
+        with self.session() as s:
+            s.execute(update(Run).where(Run.id == run_id)
+                      .values(status=status, finished_at=finished))
+
+    def set_paused(self, run_id: int, paused: bool) -> None:
+        with self.session() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(paused=paused))
+
+    # ---- cycles ------------------------------------------------------------------------------
+    def start_cycle(self, run_id: int, number: int, lr: float, general_share: float,
+                    n_examples: int, temperature: float | None = None) -> int:
+        """A new cycle row (status 'running'); returns its id. Re-running a number (after a
+        crash or rollback) gets the next attempt. A committed attempt must be superseded first."""
+        with self.session() as s:
+            earlier = s.execute(select(Cycle.id, Cycle.attempt, Cycle.status)
+                                .where(Cycle.run_id == run_id, Cycle.number == number)).all()
+            committed = [c.id for c in earlier if c.status == "committed"]
+            if committed:
+                raise ValueError(f"cycle {number} of run {run_id} is already committed (cycle "
+                                 f"id {committed[0]}); supersede_after() its steps before "
+                                 "re-running it")
+            attempt = max((c.attempt for c in earlier), default=-1) + 1
+            cycle = Cycle(run_id=run_id, number=number, attempt=attempt, lr=lr,
+                          general_share=general_share, n_examples=n_examples,
+                          temperature=temperature)
+            s.add(cycle)
+            s.flush()
+            return cycle.id
+
+    def finish_cycle(self, cycle_id: int, status: str, error: str | None = None) -> None:
+        """End a cycle: 'committed', 'failed', 'rolled_back' (or 'superseded'); stamps
+        finished_at."""
+        _check(status, CYCLE_STATUSES[1:], "final cycle status")
+        with self.session() as s:
+            s.execute(update(Cycle).where(Cycle.id == cycle_id)
+                      .values(status=status, error=error, finished_at=utcnow()))
+
+    def last_committed_cycle(self, run_id: int) -> Cycle | None:
+        """The committed cycle with the highest number (a detached snapshot), or None."""
+        with self.read() as s:
+            return s.scalars(select(Cycle)
+                             .where(Cycle.run_id == run_id, Cycle.status == "committed")
+                             .order_by(Cycle.number.desc(), Cycle.attempt.desc()).limit(1)).first()
+
+    # ---- scenarios ---------------------------------------------------------------------------
+    def hash_exists(self, content_hash: str) -> int | None:
+        """The id of the scenario holding this content hash, or None."""
+        with self.read() as s:
+            return s.scalar(select(Scenario.id).where(Scenario.content_hash == content_hash))
+
+    def add_scenario(self, run_id: int, cycle_id: int | None, scenario: DreamScenario,
+                     status: str, reject_reason: str | None = None,
+                     temperature: float | None = None) -> SavedScenario:
+        """Store a scenario with the screen's verdict ('accepted', 'rejected' with a reason, or
+        'probe' for fixed eval items, cycle_id None).
+
+        Exact-duplicate rule: content_hash is unique over the whole history. If the content is
+        already stored, the new row gets content_hash NULL and duplicate_of = the earlier id, and
+        (unless it is a probe) status 'rejected' with reject_reason 'duplicate: ...'. Check
+        `.duplicate_of` of the result: not None means "do not train on it".
+        """
+        _check(status, SCENARIO_STATUSES, "scenario status")
+        if (status == "rejected") != (reject_reason is not None):
+            raise ValueError("a rejected scenario needs a reject_reason, and only a rejected one")
+        digest = scenario.content_hash
+        for attempt in (0, 1):
+            try:
+                with self.session() as s:
+                    original = s.scalar(select(Scenario.id).where(Scenario.content_hash == digest))
+                    row = Scenario(run_id=run_id, cycle_id=cycle_id, kind=str(scenario.kind),
+                                   source=scenario.source, content_hash=digest,
+                                   messages_json=scenario.messages, target=scenario.target,
+                                   spec=scenario.spec, status=status, reject_reason=reject_reason,
+                                   meta_json=scenario.meta, temperature=temperature)
+                    if original is not None:
+                        row.content_hash, row.duplicate_of = None, original
+                        if status != "probe":
+                            also = f" (also: {reject_reason})" if reject_reason else ""
+                            row.status = "rejected"
+                            row.reject_reason = (f"duplicate: exact copy of scenario "
+                                                 f"{original}{also}")
+                    s.add(row)
+                    s.flush()
+                    return SavedScenario(row.id, row.duplicate_of)
+            except IntegrityError:
+                # PostgreSQL: another writer stored the same hash between our check and insert
+                # (SQLite cannot race: BEGIN IMMEDIATE serialises writers). Retry once; the
+                # second pass sees the original and stores a duplicate.
+                if attempt == 1 or self.hash_exists(digest) is None:
+                    raise
+        raise AssertionError("unreachable")
+
+    # ---- training ----------------------------------------------------------------------------
+    def add_train_step(self, run_id: int, cycle_id: int, step: int, metrics: Mapping[str, Any],
+                       scenario_ids: Sequence[int]) -> int:
+        """One optimizer step and the scenarios in its batch, in one transaction; returns the
+        step row id. `metrics` keys: STEP_REQUIRED, plus any of STEP_OPTIONAL. A non-finite
+        loss is stored as given (NULL on SQLite, NaN on PostgreSQL) with skipped=True."""
+        unknown = set(metrics) - set(STEP_REQUIRED) - set(STEP_OPTIONAL)
+        missing = set(STEP_REQUIRED) - set(metrics)
+        if unknown or missing:
+            raise ValueError(f"step metrics: unknown {sorted(unknown)}, missing {sorted(missing)}")
+        with self.session() as s:
+            row = TrainStep(run_id=run_id, cycle_id=cycle_id, step=step, **metrics)
+            s.add(row)
+            s.flush()
+            if scenario_ids:
+                s.execute(insert(StepExample),
+                          [{"step_id": row.id, "scenario_id": sid} for sid in scenario_ids])
+            return row.id
+
+    def supersede_after(self, run_id: int, step: int) -> Superseded:
+        """Take everything after optimizer step `step` out of the run's lineage (resume or
+        rollback to the checkpoint at that step): active train_steps with a higher step and
+        complete checkpoints with a higher step become 'superseded'; so do the cycles that
+        trained those steps and any cycle still 'running' (it was interrupted), unless already
+        marked 'failed' or 'rolled_back' (kept: they say why). Returns the counts."""
+        with self.session() as s:
+            later_cycles = (select(TrainStep.cycle_id)
+                            .where(TrainStep.run_id == run_id, TrainStep.step > step,
+                                   TrainStep.status == "active").distinct())
+            cycles = s.execute(
+                update(Cycle)
+                .where(Cycle.run_id == run_id, Cycle.status.in_(("running", "committed")),
+                       or_(Cycle.id.in_(later_cycles), Cycle.status == "running"))
+                .values(status="superseded",
+                        finished_at=func.coalesce(Cycle.finished_at, utcnow())))
+            steps = s.execute(
+                update(TrainStep)
+                .where(TrainStep.run_id == run_id, TrainStep.step > step,
+                       TrainStep.status == "active")
+                .values(status="superseded"))
+            checkpoints = s.execute(
+                update(Checkpoint)
+                .where(Checkpoint.run_id == run_id, Checkpoint.step > step,
+                       Checkpoint.status == "complete")
+                .values(status="superseded"))
+            return Superseded(steps.rowcount, cycles.rowcount, checkpoints.rowcount)
+
+    # ---- evaluation, decisions, checkpoints, events, phases ----------------------------------
+    def add_evals(self, run_id: int, cycle_id: int | None, values: Mapping[str, float],
+                  details: Mapping[str, Any] | None = None) -> None:
+        """One row per metric. cycle_id None: the run's baseline before its first cycle.
+        `details` maps a metric to JSON-able detail (per-family numbers, head ranks, ...)."""
+        details = details or {}
+        orphans = sorted(set(details) - set(values))
+        if orphans:
+            raise ValueError(f"details for metrics without a value: {orphans}")
+        with self.session() as s:
+            s.add_all(Eval(run_id=run_id, cycle_id=cycle_id, metric=metric, value=float(value),
+                           detail_json=details.get(metric)) for metric, value in values.items())
+
+    def add_decision(self, run_id: int, cycle_id: int | None, action: str, reason: str,
+                     before: Mapping[str, Any], after: Mapping[str, Any],
+                     metrics: Mapping[str, Any] | None = None) -> int:
+        """The controller's action ('keep', 'raise_lr', 'rollback', ...), its reason, the
+        settings before and after, and the metrics it looked at."""
+        with self.session() as s:
+            row = Decision(run_id=run_id, cycle_id=cycle_id, action=action, reason=reason,
+                           before_json=dict(before), after_json=dict(after),
+                           metrics_json=None if metrics is None else dict(metrics))
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def add_checkpoint(self, run_id: int, cycle_id: int | None, step: int, path: str | Path,
+                       sha256: str, nbytes: int) -> int:
+        """A complete checkpoint (its marker file written); returns its id."""
+        with self.session() as s:
+            row = Checkpoint(run_id=run_id, cycle_id=cycle_id, step=step, path=str(path),
+                             sha256=sha256, bytes=nbytes)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def set_checkpoint_status(self, checkpoint_id: int, status: str) -> None:
+        """'deleted' once its directory is removed (keep_last), or 'superseded'."""
+        _check(status, CHECKPOINT_STATUSES, "checkpoint status")
+        with self.session() as s:
+            s.execute(update(Checkpoint).where(Checkpoint.id == checkpoint_id)
+                      .values(status=status))
+
+    def complete_checkpoints(self, run_id: int) -> list[Checkpoint]:
+        """The run's complete checkpoints, newest (highest step) first."""
+        with self.read() as s:
+            return list(s.scalars(select(Checkpoint)
+                                  .where(Checkpoint.run_id == run_id,
+                                         Checkpoint.status == "complete")
+                                  .order_by(Checkpoint.step.desc(), Checkpoint.id.desc())))
+
+    def add_event(self, run_id: int | None, kind: str, detail: str | Mapping[str, Any] = "") -> int:
+        """A signal or notable happening ('pause', 'resume', 'reload', 'stop', 'error', ...).
+        A mapping detail is stored as JSON text."""
+        if not isinstance(detail, str):
+            detail = json.dumps(dict(detail), default=str, ensure_ascii=False)
+        with self.session() as s:
+            row = Event(run_id=run_id, kind=kind, detail=detail)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def add_phase(self, run_id: int, cycle_id: int | None, name: str, started_at: datetime,
+                  seconds: float, mem_free_before: int | None = None,
+                  mem_free_after: int | None = None, tokens_per_s: float | None = None) -> int:
+        """How long one phase ('dream', 'screen', 'train', 'sleep', ...) took, free accelerator
+        memory (bytes) before and after, and its throughput if it has one."""
+        if started_at.tzinfo is None:
+            raise ValueError(f"naive datetime {started_at!r}: pass datetime.now(timezone.utc)")
+        with self.session() as s:
+            row = Phase(run_id=run_id, cycle_id=cycle_id, name=name, started_at=started_at,
+                        seconds=seconds, mem_free_before=mem_free_before,
+                        mem_free_after=mem_free_after, tokens_per_s=tokens_per_s)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    # ---- views -------------------------------------------------------------------------------
+    def cycle_summary(self, run_id: int) -> list[dict[str, Any]]:
+        """Rows of the cycle_summary view for a run (docs/sql.md), by number and attempt."""
+        query = (text("SELECT * FROM cycle_summary WHERE run_id = :run_id ORDER BY number, attempt")
+                 .columns(started_at=UTCDateTime, finished_at=UTCDateTime))
+        with self.read() as s:
+            return [dict(r) for r in s.execute(query, {"run_id": run_id}).mappings()]
+
+    def metric_trend(self, run_id: int, metric: str) -> list[dict[str, Any]]:
+        """Rows of the metric_trend view for one metric of a run: baseline first, then cycles."""
+        query = (text("SELECT * FROM metric_trend WHERE run_id = :run_id AND metric = :metric "
+                      "ORDER BY COALESCE(cycle, -1), created_at")
+                 .columns(created_at=UTCDateTime))
+        with self.read() as s:
+            rows = s.execute(query, {"run_id": run_id, "metric": metric}).mappings()
+            return [dict(r) for r in rows]
