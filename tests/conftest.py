@@ -1,0 +1,56 @@
+"""Shared pytest fixtures.
+
+Store fixtures run the same test on SQLite (a real file under tmp_path) and, when
+DREAMD_TEST_PG_URL is set, on PostgreSQL, e.g.
+
+    DREAMD_TEST_PG_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test .venv/bin/pytest tests/test_store.py
+
+Each PostgreSQL test gets a database of its own (CREATE DATABASE dreamd_t_<hex>, dropped after),
+so tests never see each other's rows. The role in the URL needs CREATEDB.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from dreamd.store import Store
+
+PG_URL_ENV = "DREAMD_TEST_PG_URL"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of an empty store: a SQLite file, or a fresh PostgreSQL database (skipped unless
+    DREAMD_TEST_PG_URL names a server)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state' / 'dreamd.sqlite'}"
+        return
+    admin_url = os.environ.get(PG_URL_ENV)
+    if not admin_url:
+        pytest.skip(f"{PG_URL_ENV} not set")
+    name = f"dreamd_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE needs it
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """An open, migrated `dreamd.store.Store` on each backend."""
+    opened = Store.open(store_url)
+    opened.upgrade()
+    yield opened
+    opened.close()
