@@ -139,6 +139,14 @@ def downgrade():
 '''
 
 
+def with_extra_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> None:
+    """Point the store at a copy of the migrations plus `source` as revision 0002."""
+    migrations = tmp_path / "migrations"
+    shutil.copytree(db.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
+    (migrations / "versions" / "0002_extra.py").write_text(source)
+    monkeypatch.setattr(db, "MIGRATIONS_DIR", migrations)
+
+
 def test_sqlite_backup_and_batch_migration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"sqlite:///{tmp_path / 'dreamd.sqlite'}"
     store = Store.open(url)
@@ -147,11 +155,7 @@ def test_sqlite_backup_and_batch_migration(tmp_path: Path, monkeypatch: pytest.M
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 4)
     sid, _ = store.add_scenario(run_id, cycle_id, scenario(1), "accepted")
     store.add_train_step(run_id, cycle_id, 1, step_metrics(), [sid])
-
-    migrations = tmp_path / "migrations"
-    shutil.copytree(db.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0002_note.py").write_text(REVISION_0002)
-    monkeypatch.setattr(db, "MIGRATIONS_DIR", migrations)
+    with_extra_revision(tmp_path, monkeypatch, REVISION_0002)
 
     result = store.upgrade()
     assert (result.from_revision, result.to_revision) == ("0001", "0002")
@@ -165,6 +169,18 @@ def test_sqlite_backup_and_batch_migration(tmp_path: Path, monkeypatch: pytest.M
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     assert store.upgrade().backup is None  # nothing pending, no new copy
     store.close()
+
+
+def test_failed_migration_leaves_the_store_as_it_was(store: Store, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    with_extra_revision(tmp_path, monkeypatch, REVISION_0002.replace(
+        "    op.execute(r0001.CYCLE_SUMMARY)", "    raise RuntimeError('half done')"))
+    with pytest.raises(RuntimeError, match="half done"):
+        store.upgrade()
+    assert store.current_revision() == "0001"
+    insp = inspect(store.engine)
+    assert "note" not in {c["name"] for c in insp.get_columns("train_steps")}
+    assert VIEWS <= set(insp.get_view_names())  # the dropped views are back
 
 
 def test_upgrade_refuses_a_database_with_foreign_tables(tmp_path: Path) -> None:

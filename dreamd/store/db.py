@@ -248,9 +248,12 @@ class Database:
             return MigrationContext.configure(s.connection()).get_current_revision()
 
     def upgrade(self, revision: str = "head") -> UpgradeResult:
-        """Migrate to `revision` (default: the newest). On SQLite a non-empty store is first
-        copied to <file>.bak-<its revision> when a migration is pending (pysqlite does not
-        always keep DDL transactional, FACTS.md)."""
+        """Migrate to `revision` (default: the newest), all steps in one transaction.
+
+        With the BEGIN recipe above SQLite DDL is transactional too (a migration that fails
+        halfway leaves the store as it was; tests/test_store.py checks it). Still, on SQLite a
+        non-empty store is first copied to <file>.bak-<its revision> when a migration is
+        pending: a migration can also be wrong without failing."""
         cfg = alembic_config()
         script = ScriptDirectory.from_config(cfg)
         target = script.get_revision(revision)
