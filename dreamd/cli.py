@@ -68,13 +68,11 @@ def cmd_signal(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from dreamd.store.db import Store
+    from dreamd.store.record import Store
 
     cfg = _config(args)
     store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)
-    before = store.current_revision()
-    store.upgrade()
-    print(f"dreamd: store {store.display_url} at revision {store.current_revision()} (was {before})")
+    print(f"dreamd: store {store.url}: {store.upgrade()}")
     return 0
 
 

@@ -1,0 +1,121 @@
+"""`dreamd history` and `dreamd status`: read-only views of the store and the running daemon.
+
+Both work without the daemon running (the store is the source of truth); `status` adds what only
+the live process knows (phase, step, paused, next cycle and why not now) from the status file the
+daemon rewrites at every phase change and step boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dreamd.config import Config
+
+STATUS_FILE = "status.json"
+
+HISTORY_COLUMNS = [
+    ("number", "cycle", "{}"), ("status", "status", "{}"), ("steps", "steps", "{}"),
+    ("n_accept", "acc", "{}"), ("n_pushback", "push", "{}"), ("n_derail", "derail", "{}"),
+    ("n_general", "gen", "{}"), ("n_rejected", "rej", "{}"), ("general_share", "gen%", "{:.0%}"),
+    ("mean_loss", "loss", "{:.4f}"), ("lr", "lr", "{:.1e}"), ("perplexity", "ppl", "{:.1f}"),
+    ("arith_em", "arith", "{:.2f}"),
+]
+
+
+def _open_store(cfg: Config):
+    from dreamd.store.record import Store
+
+    from dreamd.errors import UsageError
+
+    store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)
+    if store.current_revision() is None:
+        raise UsageError(f"store {store.url} has no dreamd schema yet; run `dreamd db upgrade` "
+                         "or `dreamd run`, or check store.url / run.state_dir")
+    return store
+
+
+def _latest_run(store, name: str):
+    from sqlalchemy import select
+
+    from dreamd.store.models import Run
+
+    with store.read() as s:
+        return s.scalars(select(Run).where(Run.name == name).order_by(Run.id.desc()).limit(1)).first()
+
+
+def _fmt(fmt: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = [title for _, title, _ in HISTORY_COLUMNS]
+    body = [[_fmt(fmt, r.get(key)) for key, _, fmt in HISTORY_COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def print_history(cfg: Config, as_json: bool = False, limit: int = 50) -> int:
+    store = _open_store(cfg)
+    run = _latest_run(store, cfg.run.name)
+    if run is None:
+        print(f"dreamd: no run named {cfg.run.name!r} in {store.url} yet; start one with `dreamd run`")
+        return 0
+    rows = store.cycle_summary(run.id)[-limit:]
+    if as_json:
+        print(json.dumps(rows, default=str, indent=1))
+        return 0
+    print(f"run {run.id} {run.name!r} ({run.status}{', paused' if run.paused else ''}), store {store.url}")
+    print(format_table(rows))
+    return 0
+
+
+def write_status(state_dir: Path, **fields: Any) -> None:
+    """The daemon's live status (atomic replace; read by `dreamd status`)."""
+    path = Path(state_dir) / STATUS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(fields, default=str))
+    tmp.replace(path)
+
+
+def read_status(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(state_dir) / STATUS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def print_status(cfg: Config, as_json: bool = False) -> int:
+    from dreamd.service.control import daemon_status
+
+    daemon = daemon_status(cfg.run.state_dir)
+    live = read_status(cfg.run.state_dir) if daemon.running else None
+    out: dict[str, Any] = {"daemon": "running" if daemon.running else "not running",
+                           "pid": daemon.pid if daemon.running else None,
+                           "paused": daemon.paused}
+    if live:
+        out.update(live)
+    try:
+        store = _open_store(cfg)
+        run = _latest_run(store, cfg.run.name)
+        if run is not None:
+            last = store.last_committed_cycle(run.id)
+            out.update(run_id=run.id, run_status=run.status, paused=bool(run.paused) or daemon.paused,
+                       last_committed_cycle=last.number if last else None)
+    except Exception as exc:  # status must answer even when the store cannot
+        out["store"] = f"unreadable: {exc}"
+    if as_json:
+        print(json.dumps(out, default=str, indent=1))
+    else:
+        for k, v in out.items():
+            print(f"{k:>22}: {v}")
+    sys.stdout.flush()
+    return 0
