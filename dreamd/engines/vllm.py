@@ -1,0 +1,236 @@
+"""The vLLM engine: the offline `vllm.LLM` in the daemon's own process, one for its lifetime.
+
+In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) because weight pushes hand the trainer's CUDA
+tensors to the served model through `LLM.apply_model(fn)`, which then runs `fn` on the model
+object directly; and only one sleep-mode LLM can live in a process (FACTS.md).
+
+State kept here, because vLLM does not tell it reliably across versions:
+- weights_valid: False from construction (load_format='dummy', random weights) and after
+  sleep(level=2) until a full push has landed; generate/prompt_logprobs raise while False.
+- asleep: which of {'weights', 'kv_cache'} are unmapped now.
+- prefix cache: every push makes cached KV blocks stale; `load_weights` calls
+  reset_prefix_cache() right away when the KV cache is awake, else at wake(['kv_cache']), and
+  raises when vLLM refuses the reset (it does while requests hold blocks).
+A push is checked twice: by names before copying (every shard of every fused parameter, see
+engines.names) and by vLLM's answer after (load_weights' returned set must cover every
+parameter of the served model, the same check vLLM's own strict loader makes; tied lm_head
+must still be the embedding). The engine never asks vLLM to reload weights from disk.
+
+All version differences live in engines.vllm_compat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dreamd.config import EngineConfig
+from dreamd.dream.scenario import Message
+from dreamd.engines import vllm_compat as compat
+from dreamd.engines.base import Completion, Sampling
+from dreamd.engines.hf import encode_chat, end_of_turn_ids
+from dreamd.engines.names import PushLayout, layout_for
+
+TAGS = ("weights", "kv_cache")
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """What one push did, as seen from inside the served model."""
+
+    sent: int
+    """Tensors handed to load_weights."""
+    loaded: int
+    """vLLM parameters load_weights reports as written."""
+    missing: tuple[str, ...]
+    """vLLM parameters not written (must be empty)."""
+    tie_ok: bool
+    """lm_head is the embedding when tied, a separate tensor when not."""
+
+
+def load_into_served_model(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]],
+                           tied: bool) -> PushReport:
+    """Runs inside vLLM's worker (via apply_model): copy `weights` in place, then check."""
+    with torch.no_grad():
+        loaded = set(model.load_weights(iter(weights)))
+    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    every = dict(model.named_parameters(remove_duplicate=False))
+    heads = [n for n in every if n.endswith("lm_head.weight")]
+    embeds = [n for n in every if n.endswith("embed_tokens.weight")]
+    pairs = list(zip(heads, embeds))
+    tie_ok = all((every[h] is every[e]) == tied for h, e in pairs)
+    return PushReport(sent=len(weights), loaded=len(loaded), missing=tuple(missing), tie_ok=tie_ok)
+
+
+class VLLMEngine:
+    """Implements dreamd.engines.base.Engine on an in-process `vllm.LLM` (see module docstring)."""
+
+    def __init__(self, llm: Any, api: compat.VllmApi, tokenizer: PreTrainedTokenizerBase,
+                 layout: PushLayout, *, stop_ids: list[int], max_model_len: int, dtype: torch.dtype) -> None:
+        self.llm = llm
+        self.api = api
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.stop_ids = list(stop_ids)
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self._weights_valid = False  # load_format='dummy': random until the first push
+        self._asleep: set[str] = set()
+        self._prefix_cache_stale = False
+        self.pushes = 0
+        self.last_push: PushReport | None = None
+        self.last_generated_tokens = 0
+        """Completion tokens produced by the last generate() call (for tokens/s)."""
+
+    @classmethod
+    def create(cls, *, model_path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+               engine_cfg: EngineConfig, seed: int, api: compat.VllmApi | None = None) -> VLLMEngine:
+        """Build the LLM for the model in `model_path` with dummy weights, then push `model`'s.
+
+        Call it before the trainer allocates optimizer state: vLLM checks
+        engine.gpu_memory_utilization (a fraction of TOTAL memory) against memory free now.
+        """
+        api = api or compat.import_vllm()
+        layout = layout_for(model.config)
+        compat.register_missing_architectures(api, layout.served_architecture)
+        dtype = next(model.parameters()).dtype
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"vLLM serves float32/bfloat16/float16 weights, the trainer has {dtype}")
+        llm = api.LLM(**compat.llm_kwargs(
+            model_path=str(model_path), dtype=DTYPE_NAMES[dtype], seed=seed,
+            gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
+            enforce_eager=engine_cfg.enforce_eager, max_model_len=engine_cfg.max_model_len))
+        engine = cls(llm, api, tokenizer, layout, stop_ids=end_of_turn_ids(tokenizer, model),
+                     max_model_len=engine_cfg.max_model_len, dtype=dtype)
+        engine.load_weights(model.named_parameters())
+        return engine
+
+    # ---- state machine ---------------------------------------------------------------------
+    @property
+    def weights_valid(self) -> bool:
+        return self._weights_valid
+
+    @property
+    def asleep_tags(self) -> frozenset[str]:
+        return frozenset(self._asleep)
+
+    def sleep(self, level: int = 1) -> None:
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self._asleep:
+            raise RuntimeError(f"sleep called while {sorted(self._asleep)} already sleep; wake first")
+        compat.sleep(self.llm, level)
+        self._asleep = set(TAGS)
+        self._prefix_cache_stale = False  # sleep(level >= 1) drops the KV cache, prefix cache included
+        if level == 2:
+            self._weights_valid = False  # the memory comes back with garbage in it
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        wanted = list(TAGS if tags is None else tags)
+        if unknown := set(wanted) - set(TAGS):
+            raise ValueError(f"unknown wake tags {sorted(unknown)}; use {list(TAGS)}")
+        if not_asleep := set(wanted) - self._asleep:
+            raise RuntimeError(f"wake({wanted}) but {sorted(not_asleep)} is not asleep")
+        compat.wake_up(self.llm, wanted)
+        self._asleep -= set(wanted)
+        if "kv_cache" in wanted and self._prefix_cache_stale:
+            self._reset_prefix_cache()
+
+    def _reset_prefix_cache(self) -> None:
+        if not compat.reset_prefix_cache(self.llm):
+            raise RuntimeError("vLLM refused reset_prefix_cache() after a weight push (requests still "
+                               "hold KV blocks); cached prefixes would be served from the old weights")
+        self._prefix_cache_stale = False
+
+    def _require_ready(self, what: str) -> None:
+        if self._asleep:
+            raise RuntimeError(f"{what} called while the engine sleeps ({sorted(self._asleep)}); call wake() first")
+        if not self._weights_valid:
+            raise RuntimeError(f"{what} called before a full weight push (after construction or "
+                               "sleep(level=2) the engine's weights are garbage); call load_weights()")
+        assert not self._prefix_cache_stale, "prefix cache not reset after a push"
+
+    # ---- weights ---------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push ALL the trainer's weights in place, by HF name (see module docstring)."""
+        if "weights" in self._asleep:
+            raise RuntimeError("load_weights called while the weights sleep; call wake(['weights']) first")
+        push = self.layout.push_tensors(named_tensors)
+        self._weights_valid = False  # until the push is known to be whole
+        reports = compat.apply_model(self.llm, partial(load_into_served_model, weights=push,
+                                                       tied=self.layout.tied))
+        report = reports[0]
+        self.pushes += 1
+        self.last_push = report
+        if report.missing:
+            raise RuntimeError(f"weight push left {len(report.missing)} parameters of the served "
+                               f"{self.layout.served_architecture} unwritten (e.g. {report.missing[0]}); "
+                               "they hold garbage or dummy values")
+        if not report.tie_ok:
+            raise RuntimeError(f"after the push lm_head {'is not' if self.layout.tied else 'is'} the "
+                               f"embedding, but tie_word_embeddings = {self.layout.tied}")
+        self._weights_valid = True
+        self._prefix_cache_stale = True
+        if "kv_cache" not in self._asleep:
+            self._reset_prefix_cache()
+
+    # ---- generation ------------------------------------------------------------------------
+    def _sampling_params(self, **kwargs: Any) -> Any:
+        return self.api.SamplingParams(**compat.sampling_kwargs(**kwargs))
+
+    def _tokens_prompts(self, token_ids: list[list[int]]) -> list[dict[str, list[int]]]:
+        for i, ids in enumerate(token_ids):
+            if len(ids) >= self.max_model_len:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; engine.max_model_len is "
+                                 f"{self.max_model_len} (raise it, or shorten the conversation)")
+        return [{"prompt_token_ids": list(ids)} for ids in token_ids]  # vllm.TokensPrompt's shape
+
+    def generate(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[Completion]]:
+        """`sampling.n` completions per conversation, rendered with the chat template exactly as
+        TransformersEngine renders it, stopped at end of turn."""
+        self._require_ready("generate")
+        if sampling.n < 1 or sampling.max_tokens < 1:
+            raise ValueError(f"sampling needs n >= 1 and max_tokens >= 1, got {sampling}")
+        if sampling.temperature < 0 or not 0.0 < sampling.top_p <= 1.0:
+            raise ValueError(f"sampling needs temperature >= 0 and 0 < top_p <= 1, got {sampling}")
+        prompts = self._tokens_prompts([encode_chat(self.tokenizer, conv) for conv in conversations])
+        params = self._sampling_params(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                       max_tokens=sampling.max_tokens, seed=sampling.seed,
+                                       stop_token_ids=self.stop_ids)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        self.last_generated_tokens = sum(len(c.token_ids) for comps in result for c in comps)
+        return result
+
+    @staticmethod
+    def _completion(output: Any) -> Completion:
+        if output.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM ended a request with finish_reason={output.finish_reason!r}")
+        return Completion(text=output.text, token_ids=tuple(int(t) for t in output.token_ids),
+                          finish_reason=output.finish_reason)
+
+    def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-prob of every token after the first, given its prefix (the canary uses it).
+        prompt_logprobs=0 returns just the prompt token's own log-prob at each position, from
+        the raw logits; such requests skip reading the prefix cache (vLLM >= 0.26)."""
+        self._require_ready("prompt_logprobs")
+        scored = [ids for ids in token_ids if len(ids) >= 2]
+        params = self._sampling_params(n=1, temperature=0.0, top_p=1.0, max_tokens=1, seed=None,
+                                       stop_token_ids=[], prompt_logprobs=0)
+        outputs = self.llm.generate(self._tokens_prompts(scored), params, use_tqdm=False) if scored else []
+        by_prompt = iter(outputs)
+        out: list[list[float]] = []
+        for ids in token_ids:
+            if len(ids) < 2:
+                out.append([])
+                continue
+            positions = next(by_prompt).prompt_logprobs
+            out.append([compat.prompt_token_logprob(positions[i], ids[i]) for i in range(1, len(ids))])
+        return out
