@@ -74,7 +74,7 @@ def init_dir(root: Path, *, arch: Arch = "llama", hidden: int = 64, layers: int 
         + to_toml(demo_config(arch, seed))
     )
     cfg = load_config(cfg_path)
-    from dreamd.store.db import Store
+    from dreamd.store import Store
 
     cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
     Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms).upgrade()

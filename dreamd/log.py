@@ -32,6 +32,11 @@ def setup_logging(level: str = "info") -> None:
     for noisy in ("transformers", "bitsandbytes", "alembic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # "Loading weights" / "Writing model shards" bars would interleave with JSON lines.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def get_logger(name: str = "dreamd") -> structlog.stdlib.BoundLogger:

@@ -2,7 +2,8 @@
 
 The general share is a per-BATCH floor (DESIGN.md: >= 25% general data in every batch), so the
 general quota is counted batch by batch: a cycle of 24 examples in batches of 4 at share 0.25
-needs ceil(0.25 * 4) = 1 general example in each of its 6 batches. The rest is behavioural,
+needs ceil(0.25 * 4) = 1 general example in each of its 6 batches (batch sizes as
+train/batching.py forms them, so the quota and the batches always agree). The rest is behavioural,
 split by the configured kind weights with the largest-remainder rule (deterministic, and the
 counts always add up).
 """
@@ -13,14 +14,12 @@ import math
 
 from dreamd.config import MixConfig
 from dreamd.dream.scenario import ScenarioKind
+from dreamd.train.batching import batch_sizes
 
 
 def general_quota(n_examples: int, batch_size: int, general_share: float) -> int:
-    full, rest = divmod(n_examples, batch_size)
-    need = full * math.ceil(general_share * batch_size - 1e-9)
-    if rest:
-        need += math.ceil(general_share * rest - 1e-9)
-    return need
+    """General examples needed so that each batch `make_batches` will form holds its share."""
+    return sum(math.ceil(general_share * size - 1e-9) for size in batch_sizes(n_examples, batch_size))
 
 
 def kind_quotas(mix: MixConfig, batch_size: int, n_examples: int | None = None,

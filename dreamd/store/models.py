@@ -47,7 +47,7 @@ NAMING_CONVENTION = {
 }
 
 RUN_STATUSES = ("running", "stopped", "finished", "failed")
-CYCLE_STATUSES = ("running", "committed", "failed", "rolled_back", "superseded")
+CYCLE_STATUSES = ("running", "committed", "stopped", "failed", "rolled_back", "superseded")
 SCENARIO_STATUSES = ("accepted", "rejected", "probe")
 SCENARIO_KINDS = ("accept", "pushback", "derail", "general", "self")  # = ScenarioKind values
 STEP_STATUSES = ("active", "superseded")

@@ -134,6 +134,26 @@ class Store(Database):
             s.execute(update(Cycle).where(Cycle.id == cycle_id)
                       .values(status=status, error=error, finished_at=utcnow()))
 
+    def reopen_cycle(self, cycle_id: int) -> None:
+        """A 'stopped' cycle resumes (its remaining batches train now): back to 'running'."""
+        with self.session() as s:
+            n = s.execute(update(Cycle).where(Cycle.id == cycle_id, Cycle.status == "stopped")
+                          .values(status="running", finished_at=None, error=None)).rowcount
+            if n != 1:
+                raise ValueError(f"cycle {cycle_id} is not 'stopped'; only a stopped cycle resumes")
+
+    def load_scenarios(self, ids: Sequence[int]) -> dict[int, DreamScenario]:
+        """Stored scenarios by id, as the dreamer made them (to re-encode a stopped cycle)."""
+        with self.read() as s:
+            rows = s.scalars(select(Scenario).where(Scenario.id.in_(list(ids)))).all()
+        found = {r.id: DreamScenario(kind=r.kind, source=r.source, messages=r.messages_json,
+                                     target=r.target, spec=r.spec, meta=r.meta_json or {})
+                 for r in rows}
+        missing = sorted(set(ids) - set(found))
+        if missing:
+            raise ValueError(f"scenarios {missing[:5]} are not in the store")
+        return found
+
     def last_committed_cycle(self, run_id: int) -> Cycle | None:
         """The committed cycle with the highest number (a detached snapshot), or None."""
         with self.read() as s:

@@ -84,7 +84,7 @@ def upgrade() -> None:
         sa.Column("n_examples", sa.Integer(), nullable=False),
         sa.Column("temperature", sa.Float(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
-        _check("cycles", "status", ("running", "committed", "failed", "rolled_back", "superseded")),
+        _check("cycles", "status", ("running", "committed", "stopped", "failed", "rolled_back", "superseded")),
         _fk("cycles", "run_id", "runs"),
         _pk("cycles"),
         sa.UniqueConstraint("run_id", "number", "attempt",

@@ -1,0 +1,180 @@
+"""`dreamd run`: the service loop. Signals, schedule, systemd notifications, cycles.
+
+    pidfile -> signal handlers -> open parts (migrations, model, resume) -> READY=1
+    while not stopped:
+        step boundary (pause blocks here, watchdog fed) -> reload on SIGHUP
+        schedule says run?  no -> sleep until the next decision (any signal wakes us)
+                            yes -> run_cycle (pause/stop honoured at every optimizer step)
+    STOPPING=1 -> run row 'stopped' (or 'finished' after run.cycles) -> exit 0
+
+WATCHDOG=1 is sent only from places that prove the loop moves: step boundaries, the schedule
+wait and the pause wait; a cycle stuck inside one step starves it and systemd restarts us.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from dreamd.config import Config
+from dreamd.cycle import LoopState, StopRequested, run_cycle
+from dreamd.errors import CycleFailed
+from dreamd.log import get_logger
+from dreamd.status import write_status
+
+log = get_logger("dreamd.daemon")
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, once: bool = False, use_schedule: bool = True):
+        from dreamd.service.control import ControlState
+        from dreamd.service.notify import SystemdNotifier
+
+        self.cfg = cfg
+        self.once = once
+        self.use_schedule = use_schedule and not once
+        self.notifier = SystemdNotifier(unset_environment=True)
+        self.control = ControlState(cfg.run.state_dir, on_event=self._on_control_event,
+                                    on_pause_change=self._on_pause_change)
+        self.parts: Any = None
+        self.state: LoopState | None = None
+        self.phase = "starting"
+        self.step: int | None = None
+        self.block_reason = ""
+        self.next_cycle_at: datetime | None = None
+
+    # ---- callbacks from the control state (run at step boundaries, never in a handler) ------
+    def _on_control_event(self, event: Any) -> None:
+        log.info("control", action=event.kind, source=event.source, changed=event.changed)
+        if self.parts is not None:
+            self.parts.store.add_event(self.parts.run_id, event.kind, event.detail)
+
+    def _on_pause_change(self, paused: bool, event: Any) -> None:
+        if self.parts is not None:
+            self.parts.store.set_paused(self.parts.run_id, paused)
+        self.publish("paused" if paused else self.phase)
+
+    # ---- what systemd and `dreamd status` see ------------------------------------------------
+    def publish(self, phase: str | None = None) -> None:
+        from dreamd.service.notify import status_line
+
+        if phase is not None and phase != "paused":
+            self.phase = phase
+        shown = "paused" if self.control.paused else self.phase
+        cycle = self.state.cycle + 1 if self.state else None
+        self.notifier.status(status_line(shown, cycle, self.block_reason if shown == "waiting" else ""))
+        write_status(self.cfg.run.state_dir, phase=shown, cycle=cycle, step=self.step,
+                     paused=self.control.paused, next_cycle_at=self.next_cycle_at,
+                     block_reason=self.block_reason, run_id=self.parts.run_id if self.parts else None,
+                     updated_at=datetime.now(timezone.utc))
+
+    def heartbeat(self) -> None:
+        self.notifier.progress()
+        self.publish()
+
+    def _on_step(self, res: Any) -> None:
+        self.step = res.step
+        self.notifier.progress()
+        self.control.step_boundary(heartbeat=self.heartbeat)
+
+    def _on_phase(self, name: str, cycle_id: int | None) -> None:
+        self.publish(name)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        from dreamd.loop import open_parts
+        from dreamd.service.control import Pidfile
+        from dreamd.service.schedule import Schedule
+
+        self.cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
+        with Pidfile(self.cfg.run.state_dir):
+            self.control.install()
+            try:
+                self.parts, self.state = open_parts(self.cfg)
+                self.parts.on_step = self._on_step
+                self.parts.on_phase = self._on_phase
+                self.parts.should_stop = lambda: self.control.should_stop
+                schedule = Schedule(self.cfg.schedule)
+                self.notifier.ready(status="ready")
+                log.info("daemon.ready", run_id=self.parts.run_id, cycle=self.state.cycle,
+                         step=self.parts.trainer.step, pid_state_dir=str(self.cfg.run.state_dir))
+                return self._loop(schedule)
+            finally:
+                self.control.close()
+
+    def _loop(self, schedule: Any) -> int:
+        parts, cfg = self.parts, self.cfg
+        done = 0
+        finished = False
+        while True:
+            self.control.step_boundary(heartbeat=self.heartbeat)
+            if self.control.should_stop:
+                break
+            if self.control.take_reload():
+                schedule = self._reload(schedule)
+            if self.use_schedule and self.state.pending is None:
+                now = datetime.now(timezone.utc)
+                decision = schedule.next_decision(now)
+                self.block_reason, self.next_cycle_at = decision.reason, decision.next_time
+                if not decision.run_now:
+                    self.publish("waiting")
+                    wait = 30.0 if decision.next_time is None else (decision.next_time - now).total_seconds()
+                    # Wake at least every 10 s to feed the watchdog and re-check idleness.
+                    self.control.sleep(max(0.05, min(wait, 10.0)))
+                    self.notifier.progress()
+                    continue
+                schedule.cycle_started(now)
+            self.block_reason, self.next_cycle_at = "", None
+            try:
+                result = run_cycle(parts, self.state)
+            except StopRequested:
+                break
+            except CycleFailed as exc:
+                parts.store.add_event(parts.run_id, "cycle_failed", str(exc))
+                self._recover_after_failure(exc)
+                continue
+            if result.status == "stopped":
+                break
+            done += 1
+            self.publish("committed")
+            if self.once or (cfg.run.cycles and done >= cfg.run.cycles):
+                finished = not self.once
+                break
+        stop_reason = self.control.stop_source or ("once" if self.once else f"{done} cycles done")
+        self.notifier.stopping(status=f"stopping: {stop_reason}")
+        parts.store.add_event(parts.run_id, "stop", {"reason": stop_reason, "cycles_this_process": done,
+                                                     "step": parts.trainer.step})
+        parts.store.set_run_status(parts.run_id, "finished" if finished else "stopped")
+        self.publish("stopped")
+        log.info("daemon.stopped", reason=stop_reason, cycles=done, step=parts.trainer.step)
+        return 0
+
+    def _recover_after_failure(self, exc: CycleFailed) -> None:
+        """A failed cycle (non-finite losses, dream budget exhausted, canary mismatch): go back to
+        the last good checkpoint so the next cycle starts from known-good weights."""
+        from dreamd.loop import rollback_to_latest
+
+        log.error("cycle.rollback", error=str(exc))
+        self.state = rollback_to_latest(self.parts, self.state, reason=str(exc))
+
+    def _reload(self, schedule: Any) -> Any:
+        from dreamd.service.reload import reload_config
+
+        self.notifier.reloading()
+        result = reload_config(self.cfg)
+        self.parts.store.add_event(self.parts.run_id, "reload", result.summary())
+        log.info("daemon.reload", summary=result.summary())
+        # Live fields apply from the next cycle: the loop state follows a changed mix, and the
+        # live lr is clamped into the (possibly new) controller bounds.
+        self.cfg = self.parts.cfg = result.config
+        if "mix.examples_per_cycle" in result.applied:
+            self.state.examples_per_cycle = self.cfg.mix.examples_per_cycle
+        if "mix.general_share" in result.applied:
+            self.state.general_share = self.cfg.mix.general_share
+        self.state.lr = min(max(self.state.lr, self.cfg.train.lr_min), self.cfg.train.lr_max)
+        self.notifier.ready(status="reloaded")
+        return schedule.with_config(self.cfg.schedule)
+
+
+def run_daemon(cfg: Config, *, once: bool = False, schedule: bool = True) -> int:
+    return Daemon(cfg, once=once, use_schedule=schedule).run()
