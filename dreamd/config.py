@@ -207,6 +207,54 @@ class CheckpointConfig(Section):
     """Whether lower or higher `best_metric` is better."""
 
 
+class ScheduleConfig(Section):
+    """When cycles start (dreamd/service/schedule.py; docs/operations.md explains the rules).
+    All gates must pass; every field here can change live on SIGHUP."""
+
+    every_minutes: Annotated[float, Field(ge=0.0)] = 0.0
+    """Start a cycle every this many minutes, on a fixed grid from the first cycle (APScheduler
+    IntervalTrigger). 0: no interval, cycles run back to back while the other gates allow."""
+    at: str | None = None
+    """Crontab (5 fields, day of week as names) of cycle start times, e.g. '30 2 * * *'. Use
+    either this or every_minutes."""
+    windows: list[str] = []
+    """Cycles start only inside one of these windows: 'HH:MM-HH:MM' (daily, end exclusive, may
+    wrap midnight) or a crontab whose matching minutes are allowed ('* 1-5 * * mon-fri').
+    Empty: any time. A cycle that starts inside a window runs to its end."""
+    timezone: str = "local"
+    """Time zone of `at` and `windows`: 'local' or an IANA name ('UTC', 'Europe/Berlin')."""
+    misfire_grace_minutes: Annotated[float | None, Field(ge=0.0)] = None
+    """A slot more than this late (daemon down, window closed, box busy) is skipped instead of
+    run late. None: a late slot always runs, once (pending slots are always coalesced)."""
+    idle_required: bool = False
+    """Start cycles only when the box is idle by every probe below that has a reading."""
+    idle_gpu_util_max: Annotated[float | None, Field(ge=0.0, le=100.0)] = 10.0
+    """Idle probe: highest GPU utilisation (percent, nvidia-smi) that counts as idle. None: off.
+    Ignored where nvidia-smi is absent."""
+    idle_load_per_cpu_max: Annotated[float | None, Field(ge=0.0)] = 0.5
+    """Idle probe: highest 1-minute load average per CPU that counts as idle. None: off."""
+    idle_activity_file: Path | None = None
+    """Idle probe: a file the user's session touches (e.g. from a shell prompt hook); the box
+    is busy while it changed less than idle_activity_minutes ago. A missing file means idle."""
+    idle_activity_minutes: Annotated[float, Field(gt=0.0)] = 15.0
+    """Minutes without a change of idle_activity_file before the user counts as away."""
+    idle_poll_seconds: Annotated[float, Field(ge=1.0)] = 60.0
+    """How often a busy box is checked again."""
+
+    @model_validator(mode="after")
+    def _parse_times(self) -> ScheduleConfig:
+        from dreamd.service.schedule import parse_crontab, parse_window, resolve_timezone
+
+        if self.every_minutes and self.at:
+            raise ValueError("set either every_minutes or at, not both")
+        tz = resolve_timezone(self.timezone)
+        if self.at:
+            parse_crontab(self.at, tz)
+        for window in self.windows:
+            parse_window(window, tz)
+        return self
+
+
 class Config(Section):
     """The whole configuration; one section per component."""
 
@@ -220,6 +268,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     source: Path | None = Field(default=None, exclude=True)
     """Where this config was read from (not a setting)."""
@@ -299,7 +348,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     cfg.run.state_dir = fix(cfg.run.state_dir)
     cfg.model.path = fix(cfg.model.path)
     for section, name in (("dream", "spec_file"), ("dream", "seed_corpus"), ("dream", "replay_corpus"),
-                          ("eval", "heldout_text")):
+                          ("eval", "heldout_text"), ("schedule", "idle_activity_file")):
         sec = getattr(cfg, section)
         setattr(sec, name, fix(getattr(sec, name)))
     return cfg
