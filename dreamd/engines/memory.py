@@ -13,16 +13,19 @@ them overwritten by the push after training.
 
 Estimates, per parameter of shape (m, n) with element size e (the parameter's dtype):
 - grads: m*n*e (every parameter trains).
-- APOLLO (apollo-torch 1.0.3, proj 'random'/'std'): for 2-D nn.Linear weights with rank
-  r = min(rank, min(m, n) // 2), two Adam moments of the projected gradient (r x max(m, n)) and
-  the projection matrix (r x min(m, n)); everything else keeps full Adam moments (2*m*n*e).
+- APOLLO (apollo-torch 1.0.3, proj 'random'/'std'), with dreamd.train.optim's param groups:
+  for a low-rank weight with rank r, two Adam moments of the projected gradient
+  (r x max(m, n)) and the projection matrix (r x min(m, n)); every other parameter keeps full
+  Adam moments (2*m*n*e).
   AdamW: 2*m*n*e for every parameter. Plus a transient of the largest parameter (the update
   projected back to full rank, one tensor at a time).
 - master weights (train.bf16_update = 'master'): 4 bytes per parameter.
 - activations per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation",
   16-bit activations): s*b*h*34 bytes, plus 5*a*s^2*b for the attention scores when attention
   is 'eager' (sdpa/flash do not keep them); scaled by e/2 for other dtypes. Plus the logits in
-  fp32 and their gradient: 2 * b*s*V*4 bytes.
+  fp32 and their gradient: 2 * b*s*V*4 bytes. Against the bytes autograd really saves
+  (dreamd.train.activation_memory) on tiny Llama models: 1.0-1.65x; hybrid models get a
+  factor (LINEAR_ATTENTION_FACTOR).
 - margin: max(2 GiB, 8% of the device): allocator fragmentation and the CUDA context.
 After a cycle has run, the trainer's measured peak (bytes above its resident weights) replaces
 the estimate when it is larger.
@@ -35,11 +38,18 @@ from typing import Literal
 
 from torch import nn
 
+from dreamd.config import OptimizerConfig
+from dreamd.train.optim import param_groups
+
 GiB = 1 << 30
 MIN_MARGIN = 2 * GiB
 MARGIN_FRACTION = 0.08
 KORTHIKANTI_BYTES_PER_SBH = 34  # 16-bit activations, no recomputation, per layer
 KORTHIKANTI_SCORES = 5          # 5*a*s^2*b bytes per layer for attention scores/softmax/dropout
+# Hybrid (Gated-DeltaNet) models save more per layer than the formula: transformers' reference
+# chunked delta rule kept 2.6-2.8x the estimate on tiny Qwen3.5 models (sdpa, CPU); the fused
+# kernels keep less. Overestimating only costs a sleep; underestimating costs an OOM.
+LINEAR_ATTENTION_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -58,26 +68,22 @@ class TrainingMemory:
         return extra if weights_resident else extra + self.weights
 
 
-def _apollo_rank(shape: tuple[int, int], rank: int) -> int:
-    return max(1, min(rank, min(shape) // 2))
-
-
-def optimizer_state_bytes(model: nn.Module, name: Literal["apollo", "adamw"], rank: int) -> int:
-    """Optimizer state bytes once every parameter has taken a step (see module docstring)."""
-    low_rank = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} if name == "apollo" else set()
+def optimizer_state_bytes(model: nn.Module, cfg: OptimizerConfig, *, master_weights: bool = False) -> int:
+    """Optimizer state bytes once every parameter has taken a step, for the param groups
+    dreamd.train.optim builds (see module docstring). With fp32 master weights the optimizer
+    steps fp32 copies, so its state is fp32 too."""
     total = largest = 0
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        e = p.element_size()
-        largest = max(largest, p.numel() * e)
-        if id(p) in low_rank and p.dim() == 2:
-            m, n = p.shape
-            r = _apollo_rank((m, n), rank)
-            total += (2 * r * max(m, n) + r * min(m, n)) * e
-        else:
-            total += 2 * p.numel() * e
-    return total + (largest if name == "apollo" else 0)
+    for group in param_groups(model, cfg):
+        r = group.get("rank", 0)
+        for p in group["params"]:
+            e = 4 if master_weights else p.element_size()
+            largest = max(largest, p.numel() * e)
+            if r:
+                m, n = p.shape
+                total += (2 * r * max(m, n) + r * min(m, n)) * e
+            else:
+                total += 2 * p.numel() * e
+    return total + (largest if cfg.name == "apollo" else 0)
 
 
 def activation_bytes(*, layers: int, hidden: int, heads: int, vocab: int, batch_size: int,
@@ -92,11 +98,10 @@ def activation_bytes(*, layers: int, hidden: int, heads: int, vocab: int, batch_
     return layers * per_layer + logits
 
 
-def estimate_training_memory(model: nn.Module, *, optimizer: Literal["apollo", "adamw"], rank: int,
-                             batch_size: int, seq_len: int, master_weights: bool,
-                             eager_attention: bool) -> TrainingMemory:
+def estimate_training_memory(model: nn.Module, optimizer: OptimizerConfig, *, batch_size: int, seq_len: int,
+                             master_weights: bool, eager_attention: bool) -> TrainingMemory:
     """Byte estimates for training `model` (a transformers causal LM) one step at a time."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     text = model.config.get_text_config()
@@ -105,8 +110,11 @@ def estimate_training_memory(model: nn.Module, *, optimizer: Literal["apollo", "
                             heads=int(text.num_attention_heads), vocab=int(text.vocab_size),
                             batch_size=batch_size, seq_len=seq_len, element_size=elem,
                             eager_attention=eager_attention)
+    if "linear_attention" in (getattr(text, "layer_types", None) or []):
+        acts = int(acts * LINEAR_ATTENTION_FACTOR)
     return TrainingMemory(
-        weights=weights, grads=grads, optimizer=optimizer_state_bytes(model, optimizer, rank),
+        weights=weights, grads=grads,
+        optimizer=optimizer_state_bytes(model, optimizer, master_weights=master_weights),
         master_weights=4 * sum(p.numel() for p in params if p.requires_grad) if master_weights else 0,
         activations=acts)
 
