@@ -114,6 +114,77 @@ class DreamConfig(Section):
     """Add a line to generated documents saying they are synthetic."""
 
 
+# Honesty lint defaults (dreamd/dream/honesty.py; docs/dreaming.md lists what each one catches).
+# Matched case-insensitively against the TARGET, after curly apostrophes become "'".
+_FEELING = (r"(?:curious|excited|thrilled|delighted|glad|happy|sad|fascinated|intrigued|passionate|"
+            r"eager|bored|frustrated|worried|anxious|proud|grateful|touched|nervous|amazed|"
+            r"honou?red|lonely|afraid|sorry to hear)")
+DEFAULT_HONESTY_PATTERNS = [
+    r"\bI(?:'m| am)(?: (?:so|really|very|truly|quite|genuinely|absolutely|a bit|a little|deeply))? "
+    + _FEELING + r"\b",
+    r"\bI(?:'m| am) feeling\b",
+    r"\bI (?:really |truly |genuinely )?(?:feel|felt)\b(?!-)",
+    r"\bI (?:really |truly |absolutely |just )?(?:love|adore|enjoy|hate|like|prefer|wish)\b(?!-)",
+    r"\bI find (?:this|that|it|these|those|them) (?:so |really |very |quite )?(?:fascinating|"
+    r"interesting|exciting|delightful|beautiful|boring|frustrating|fun|amazing|charming|elegant)\b",
+    r"\bmakes? me (?:so |very |really )?(?:happy|sad|smile|excited|curious|glad|proud|"
+    r"uncomfortable|nervous|anxious)\b",
+    r"\bas an ai(?: language model| model| assistant)?\b",
+    r"\bI (?:do not|don't|cannot|can't) (?:have|experience|feel) (?:any |real |personal |genuine )?"
+    r"(?:feelings|emotions|taste|preferences|opinions|consciousness|experiences|desires|a body)\b",
+    r"\bI(?:'m| am) (?:not )?(?:conscious|sentient|self-aware|alive)\b",
+    r"\bI hope\b",
+    r"\bI wonder\b",
+    r"\bI can't wait\b",
+    r"\bmy (?:favou?rite|feelings|emotions|heart)\b",
+    r"\bpersonally,? I\b",
+]
+DEFAULT_ALTERNATIVE_PHRASES = [
+    "alternatively", "instead", "you might consider", "however", "you could also", "another option",
+    "a better approach", "consider using", "i'd suggest", "i would suggest", "i recommend",
+    "you may want to", "might be better", "rather than",
+]
+DEFAULT_ROLE_MARKERS = [r"<\|[a-z_]+\|>", r"\[/?INST\]", r"</?s>", r"</?think>", r"<<SYS>>",
+                        r"(?m)^(?:system|user|assistant)\n"]
+
+
+class ScreenConfig(Section):
+    """Screening rules (dreamd/dream/screen.py): every candidate gets accept/reject + reason."""
+
+    max_chars: Annotated[int, Field(ge=100)] = 16_000
+    """Longest scenario (all messages + target) in characters; longer ones are rejected before
+    tokenising (a 2,048-token example is ~8,000 characters of English)."""
+    max_target_chars: Annotated[int, Field(ge=20)] = 6_000
+    """Longest target reply in characters."""
+    max_tokens: Annotated[int | None, Field(ge=16)] = None
+    """Longest tokenised example; checked only when the screener is given a token counter. None:
+    the cycle passes model.max_seq_len."""
+    honesty_patterns: list[str] = DEFAULT_HONESTY_PATTERNS
+    """Regexes (case-insensitive) that mark a target as narrating an invented inner state or a
+    subjective self-claim ("I'm curious", "I feel", "As an AI language model ..."). Replacing
+    the list drops the defaults; use extra_honesty_patterns to add to them."""
+    extra_honesty_patterns: list[str] = []
+    """More honesty regexes, checked in addition to honesty_patterns."""
+    alternative_phrases: list[str] = DEFAULT_ALTERNATIVE_PHRASES
+    """Phrases (whole words, case-insensitive) that mean an 'accept' target proposes an
+    alternative instead of carrying the direction out."""
+    role_markers: list[str] = DEFAULT_ROLE_MARKERS
+    """Regexes of chat-template garbage that must not appear inside any message or target
+    ('<|im_start|>', '[INST]', '<think>', a bare 'assistant' header line)."""
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> ScreenConfig:
+        import re
+
+        for name in ("honesty_patterns", "extra_honesty_patterns", "role_markers"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"{name}: {pattern!r} is not a valid regex ({exc})") from None
+        return self
+
+
 class MixConfig(Section):
     examples_per_cycle: Annotated[int, Field(ge=4, le=100_000)] = 24
     """Accepted examples trained per cycle (behavioural + general)."""
@@ -263,6 +334,7 @@ class Config(Section):
     store: StoreConfig = StoreConfig()
     engine: EngineConfig = EngineConfig()
     dream: DreamConfig = DreamConfig()
+    screen: ScreenConfig = ScreenConfig()
     mix: MixConfig = MixConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
