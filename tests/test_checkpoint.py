@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dreamd.config import Config, load_config
+from dreamd.config import load_config
 from dreamd.service.checkpoint import (MARKER, CheckpointDir, capture_rng_state,
                                        complete_checkpoints, latest_complete, load_checkpoint,
                                        load_model_state_dict, read_manifest, restore_rng_state,
@@ -255,7 +255,3 @@ def test_write_failures_and_a_crash_leave_the_previous_checkpoint_intact(tmp_pat
 def test_keep_last_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointDir(tmp_path, keep_last=0)
-
-
-def test_resolved_config_type():
-    assert isinstance(load_config(None, environ={}), Config)

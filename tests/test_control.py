@@ -1,4 +1,4 @@
-"""Signals, pause flag and pidfile, with a REAL child process that runs a step loop.
+"""Signals, pause flag, pidfile and SIGHUP reload rules, with a REAL child process that runs a step loop.
 
 The child installs dreamd's handlers, takes the pidfile and loops "steps" (a sleep, so signals
 arrive mid-step); it prints one JSON line per event. CLOCK_MONOTONIC is system-wide on Linux, so
@@ -21,9 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from dreamd.config import Config, load_config
 from dreamd.errors import UsageError
 from dreamd.service.control import (ControlState, DaemonNotRunning, PauseFlag, Pidfile,
                                     daemon_status, looks_like_dreamd, signal_daemon)
+from dreamd.service.reload import (LIVE_FIELDS, REFUSAL_REASONS, diff_reloadable, is_live,
+                                   refusal_reason, reload_config)
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_S = 0.3
@@ -153,7 +156,7 @@ def test_pause_resume_reload_stop_with_real_signals(tmp_path, children):
         Pidfile(state_dir).acquire()
 
     # SIGHUP: noted by the handler, taken at the next boundary; steps go on.
-    _, _ = _send_mid_step(child, signal.SIGHUP)
+    _send_mid_step(child, signal.SIGHUP)
     child.wait_for("reload")
     child.wait_for("step_end")
 
@@ -334,10 +337,6 @@ def test_real_signals_in_process_sleep_reload_and_double_ctrl_c(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # SIGHUP reload rules
-
-from dreamd.config import Config, load_config  # noqa: E402
-from dreamd.service.reload import (LIVE_FIELDS, REFUSAL_REASONS, diff_reloadable,  # noqa: E402
-                                   is_live, refusal_reason, reload_config)
 
 BASE_TOML = """
 [run]
