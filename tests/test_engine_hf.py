@@ -233,3 +233,20 @@ def test_generate_refuses_bad_sampling(model_dirs: dict[str, Path]) -> None:
     for bad in (Sampling(n=0), Sampling(max_tokens=0), Sampling(temperature=-1.0), Sampling(top_p=0.0)):
         with pytest.raises(ValueError):
             engine.generate(CONVS[:1], bad)
+
+
+def test_tied_embeddings_count_once_in_a_full_push(model_dirs: dict[str, Path]) -> None:
+    from dreamd.tiny import build_tiny_model, tiny_config
+
+    engine = _engine(model_dirs, "llama")
+    config = tiny_config("llama", len(engine.tokenizer), layers=2, tokenizer=engine.tokenizer)
+    config.tie_word_embeddings = True
+    tied = TransformersEngine(build_tiny_model(config), engine.tokenizer)
+    assert tied.model.lm_head.weight is tied.model.model.embed_tokens.weight
+    tied.sleep(level=2)
+    tied.wake()
+    names = [name for name, _ in tied.model.named_parameters()]  # one name per tensor
+    assert "lm_head.weight" not in names
+    tied.load_weights((name, p.detach().clone()) for name, p in tied.model.named_parameters())
+    assert tied.weights_valid
+    tied.generate(CONVS[:1], Sampling(max_tokens=2))
