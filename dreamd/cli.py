@@ -60,7 +60,20 @@ def cmd_signal(args: argparse.Namespace) -> int:
 
     from dreamd.service.control import signal_daemon
 
+    from dreamd.service.control import PauseFlag, daemon_status
+
     cfg = _config(args)
+    if not daemon_status(cfg.run.state_dir).running:
+        # No daemon: the flag file alone decides how the next start comes up.
+        flag = PauseFlag(cfg.run.state_dir)
+        if args.command == "pause":
+            cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
+            flag.set("dreamd pause")
+        else:
+            flag.clear()
+        print(f"dreamd: no daemon running for {cfg.run.state_dir}; the next start comes up "
+              f"{'paused' if args.command == 'pause' else 'running'}")
+        return 0
     sig = signal.SIGUSR1 if args.command == "pause" else signal.SIGUSR2
     pid = signal_daemon(cfg.run.state_dir, sig)
     print(f"dreamd: sent {sig.name} to pid {pid} ({args.command})")

@@ -97,8 +97,11 @@ def dream_and_screen(parts: Parts, state: LoopState, cycle_id: int, rng: random.
                     reason = f"encode: {exc}"
             saved = parts.store.add_scenario(state.run_id, cycle_id, scenario,
                                              status="accepted" if encoded else "rejected",
-                                             reject_reason=None if encoded else reason)
-            if encoded is None or saved.duplicate_of is not None:
+                                             reject_reason=None if encoded else reason,
+                                             temperature=scenario.meta.get("temperature"))
+            ok = encoded is not None and saved.duplicate_of is None
+            parts.dreamer.observe(scenario, ok)    # the model dreamer adapts its temperature
+            if not ok:
                 rejected += 1
                 continue
             encoded.scenario_id = saved.id

@@ -94,7 +94,12 @@ class Daemon:
                 self.parts.on_step = self._on_step
                 self.parts.on_phase = self._on_phase
                 self.parts.should_stop = lambda: self.control.should_stop
-                schedule = Schedule(self.cfg.schedule)
+                # The interval grid continues from the last cycle start, across restarts.
+                schedule = Schedule(self.cfg.schedule,
+                                    last_started=self.parts.store.last_cycle_started(self.parts.run_id))
+                if self.parts.store.run_paused(self.parts.run_id) and not self.control.paused:
+                    # runs.paused without the flag file (a fresh state dir on a shared store).
+                    self.control.request_pause("store")
                 self.notifier.ready(status="ready")
                 log.info("daemon.ready", run_id=self.parts.run_id, cycle=self.state.cycle,
                          step=self.parts.trainer.step, pid_state_dir=str(self.cfg.run.state_dir))

@@ -75,6 +75,10 @@ class TemplateDreamer:
         """One scenario of `kind`; the same rng state gives the same scenario."""
         return self.from_seed(kind, rng.getrandbits(64), model_config)
 
+    def observe(self, scenario: Scenario, accepted: bool) -> None:
+        """Screening feedback. The grammar's output does not depend on it (its scenarios are
+        correct by construction); the model dreamer uses it to adapt its temperature."""
+
     def stream(self, kind: ScenarioKind | str, rng: random.Random | None = None,
                model_config: Any = None) -> Iterator[Scenario]:
         rng = rng if rng is not None else random.Random(self.seed)

@@ -87,10 +87,12 @@ class Store(Database):
             return run.id
 
     def find_resumable_run(self, name: str) -> Run | None:
-        """The newest unfinished ('running' or 'stopped') run of this name, or None."""
+        """The newest run of this name that can go on, or None: 'running' (crashed), 'stopped'
+        or 'finished' (its last process did all run.cycles; the next `dreamd run` continues
+        the same weights). A 'failed' run is not resumed: change run.name to start afresh."""
         with self.read() as s:
             return s.scalars(select(Run)
-                             .where(Run.name == name, Run.status.in_(("running", "stopped")))
+                             .where(Run.name == name, Run.status.in_(("running", "stopped", "finished")))
                              .order_by(Run.id.desc()).limit(1)).first()
 
     def set_run_status(self, run_id: int, status: str) -> None:
@@ -100,6 +102,10 @@ class Store(Database):
         with self.session() as s:
             s.execute(update(Run).where(Run.id == run_id)
                       .values(status=status, finished_at=finished))
+
+    def run_paused(self, run_id: int) -> bool:
+        with self.read() as s:
+            return bool(s.scalar(select(Run.paused).where(Run.id == run_id)))
 
     def set_paused(self, run_id: int, paused: bool) -> None:
         with self.session() as s:
@@ -153,6 +159,11 @@ class Store(Database):
         if missing:
             raise ValueError(f"scenarios {missing[:5]} are not in the store")
         return found
+
+    def last_cycle_started(self, run_id: int) -> datetime | None:
+        """When the run's newest cycle (any status) started: the schedule's grid anchor."""
+        with self.read() as s:
+            return s.scalar(select(func.max(Cycle.started_at)).where(Cycle.run_id == run_id))
 
     def last_committed_cycle(self, run_id: int) -> Cycle | None:
         """The committed cycle with the highest number (a detached snapshot), or None."""
