@@ -17,10 +17,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from dreamd.store import Store
+
+# One torch thread per test process (and its subprocesses): tiny models are dominated by
+# per-op overhead, and on a loaded 2-core box the default pool made hybrid-model tests 30-60x
+# slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 PG_URL_ENV = "DREAMD_TEST_PG_URL"
 

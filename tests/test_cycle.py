@@ -89,6 +89,9 @@ def test_duplicate_is_stored_rejected_and_replaced(setup_dir, tmp_path):
                 return repeat
             return real.dream(kind, rng, model_config=model_config)
 
+        def observe(self, scenario, accepted):
+            real.observe(scenario, accepted)
+
     parts.dreamer = Repeating()
     second = run_cycle(parts, state)
     assert second.status == "committed" and sum(second.accepted.values()) == sum(first.accepted.values())
