@@ -245,6 +245,11 @@ class TrainConfig(Section):
     context_frozen: Literal["auto", "on", "off"] = "auto"
     """Context-frozen gradient: run the context under no_grad with the cache, the reply with
     gradient on top. 'auto': on for examples whose context is longer than their reply."""
+    forward_layout: Literal["per_example", "padded"] = "per_example"
+    """How a batch goes through the model (the gradient is the same): one forward + backward
+    per example (no padding, activation memory of one example), or one padded forward per
+    batch (contexts left-padded, replies right-padded). Measured on CPU (docs/benchmarks.md):
+    padded costs ~4x the activation memory (a materialised attention mask) and is not faster."""
     bf16_update: Literal["stochastic", "master", "nearest"] = "stochastic"
     """How updates reach bf16 weights: stochastic rounding (default), fp32 master weights, or
     naive round-to-nearest (drops most updates at lr 1e-5; for measurement only)."""
