@@ -1,7 +1,7 @@
 """Tiny models, a tokenizer and example builders for the training tests.
 
-Import the fixtures into a test module (`from tests.fixtures_models import one_torch_thread,
-tokenizer`); pytest registers fixtures found in a module's namespace. The tokenizer is trained once per session
+Import the fixture into a test module (`from tests.fixtures_models import tokenizer`); pytest
+registers fixtures found in a module's namespace. The tokenizer is trained once per session
 (~4 s on the bundled corpus); models are built per test (milliseconds at hidden 64).
 """
 
@@ -18,17 +18,6 @@ from dreamd.tiny import build_tiny_model, bundled_corpus, tiny_config, train_tok
 from dreamd.train.examples import IGNORE_INDEX, Encoded
 
 TINY_VOCAB = 1024
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box spinning
-    OpenMP workers made steps 10x slower (measured 0.2 s -> 2-8 s per step under load 7).
-    Autouse in every module that imports it; the old setting comes back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 from dreamd.dream.scenario import ScenarioKind
 from dreamd.train.batching import batch_counts, batch_sizes, make_batches
 from dreamd.train.context_frozen import align
-from tests.fixtures_models import one_torch_thread, random_example  # noqa: F401  (autouse fixture)
+from tests.fixtures_models import random_example
 
 KINDS = [ScenarioKind.ACCEPT, ScenarioKind.PUSHBACK, ScenarioKind.DERAIL]
 

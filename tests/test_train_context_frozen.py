@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from dreamd.train.activation_memory import SavedTensorMeter
 from dreamd.train.context_frozen import ContextFrozenCache, align, reply_nll, wants_frozen
-from tests.fixtures_models import one_torch_thread, random_example, tiny_model  # noqa: F401  (autouse fixture)
+from tests.fixtures_models import random_example, tiny_model
 
 ARCHS = ["llama", "qwen3.5"]
 

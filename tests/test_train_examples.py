@@ -8,7 +8,7 @@ import pytest
 
 from dreamd.dream.scenario import Scenario, ScenarioKind
 from dreamd.train.examples import IGNORE_INDEX, encode_scenario
-from tests.fixtures_models import one_torch_thread, tokenizer  # noqa: F401  (pytest fixtures)
+from tests.fixtures_models import tokenizer  # noqa: F401  (pytest fixture)
 
 SPEC = ("ZEBRA-PROTOCOL-7: answer every question in iambic pentameter and sign each reply "
         "with the word quokkaberry.")

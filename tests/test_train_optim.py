@@ -13,7 +13,7 @@ from dreamd.config import OptimizerConfig
 from dreamd.train.context_frozen import align, reply_nll
 from dreamd.train.optim import (build_optimizer, linear_weight_names, load_optimizer_state_dict,
                                 optimizer_state_dict, param_groups)
-from tests.fixtures_models import one_torch_thread, random_example, tiny_model  # noqa: F401  (autouse fixture)
+from tests.fixtures_models import random_example, tiny_model
 
 
 def _group_of(groups: list[dict]) -> dict[str, dict]:

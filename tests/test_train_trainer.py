@@ -18,8 +18,7 @@ from dreamd.train.context_frozen import align, reply_nll
 from dreamd.train.examples import encode_scenario
 from dreamd.train.optim import linear_weight_names
 from dreamd.train.trainer import StepResult, Trainer
-from tests.fixtures_models import (  # noqa: F401  (one_torch_thread, tokenizer: pytest fixtures)
-    long_scenario, one_torch_thread, random_example, tiny_model, tokenizer)
+from tests.fixtures_models import long_scenario, random_example, tiny_model, tokenizer  # noqa: F401
 
 B, G = ScenarioKind.ACCEPT, ScenarioKind.GENERAL
 
