@@ -36,7 +36,20 @@ from sqlalchemy.orm import Session, sessionmaker
 import dreamd
 from dreamd.errors import UsageError
 
-MIGRATIONS_DIR = Path(dreamd.__file__).resolve().parent.parent / "migrations"
+def _migrations_dir() -> Path:
+    """<repo>/migrations in a source tree or editable install; the packaged copy in a wheel."""
+    source = Path(dreamd.__file__).resolve().parent.parent / "migrations"
+    if (source / "env.py").is_file():
+        return source
+    import importlib.util
+
+    spec = importlib.util.find_spec("dreamd_migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("dreamd's Alembic migrations are missing from this installation")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 # Execution option read by the SQLite `begin` hook: "IMMEDIATE" (default, writers) or
 # "DEFERRED" (read-only work, which must not queue behind the writer).
