@@ -19,7 +19,7 @@ from typing import Any
 from dreamd.config import Config
 from dreamd.cycle import LoopState, StopRequested, run_cycle
 from dreamd.errors import CycleFailed
-from dreamd.log import get_logger
+from dreamd.log import StepProgress, get_logger
 from dreamd.status import write_status
 
 log = get_logger("dreamd.daemon")
@@ -42,6 +42,7 @@ class Daemon:
         self.step: int | None = None
         self.block_reason = ""
         self.next_cycle_at: datetime | None = None
+        self.progress = StepProgress()
 
     # ---- callbacks from the control state (run at step boundaries, never in a handler) ------
     def _on_control_event(self, event: Any) -> None:
@@ -74,10 +75,18 @@ class Daemon:
 
     def _on_step(self, res: Any) -> None:
         self.step = res.step
+        self.progress.step(None if res.skipped else res.loss)
         self.notifier.progress()
         self.control.step_boundary(heartbeat=self.heartbeat)
 
     def _on_phase(self, name: str, cycle_id: int | None) -> None:
+        if name == "train":
+            from dreamd.train.batching import batch_sizes
+
+            steps = len(batch_sizes(self.state.examples_per_cycle, self.cfg.train.batch_size))
+            self.progress.start(self.state.cycle + 1, steps)
+        elif name == "evaluate":
+            self.progress.close()
         self.publish(name)
 
     # ---- the loop ------------------------------------------------------------------------

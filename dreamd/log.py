@@ -41,3 +41,30 @@ def setup_logging(level: str = "info") -> None:
 
 def get_logger(name: str = "dreamd") -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+class StepProgress:
+    """A tqdm bar of the current cycle's optimizer steps, shown only on a terminal (journald and
+    CI get the JSON lines instead)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def start(self, cycle: int, total: int) -> None:
+        if not interactive():
+            return
+        from tqdm import tqdm
+
+        self.close()
+        self.bar = tqdm(total=total, desc=f"cycle {cycle}", unit="step", leave=True, file=sys.stderr)
+
+    def step(self, loss: float | None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
