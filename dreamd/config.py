@@ -112,6 +112,51 @@ class DreamConfig(Section):
     """Optional JSONL of general chat records ({'messages': [...]}) mixed in as general data."""
     synthetic_disclosure: bool = False
     """Add a line to generated documents saying they are synthetic."""
+    fallback: Literal["template", "none"] = "template"
+    """Model dreamer: what writes a behavioural kind while the model fails at it. 'template':
+    after `fallback_after` model-written candidates of a kind in a row were rejected, the next
+    `fallback_span` candidates of that kind come from the template dreamer (each scenario's
+    meta['fallback'] and an event 'dream.fallback' say so), then the model is tried again.
+    'none': model only (a model that cannot write a kind makes the cycle fail)."""
+    fallback_after: Annotated[int, Field(ge=1)] = 12
+    """Model-written candidates of one kind rejected in a row before the fallback takes over.
+    12 keeps a kind within its dream budget (max_attempts_factor x needed >= 20 candidates for
+    one example); a model with 30% acceptance hits 12 misses in a row with p = 0.7^12 = 1.4%."""
+    fallback_span: Annotated[int, Field(ge=1)] = 32
+    """Candidates of a kind the fallback writes before the model is tried again."""
+    mixed_model_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    """source = 'mixed': share of behavioural candidates the model writes (the rest: templates)."""
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
+    """Model dreamer: scenarios of one kind written per generate call (the engine batches them;
+    vLLM boxes can take 64 or more). dream() hands them out one at a time."""
+    situation_max_tokens: Annotated[int, Field(ge=8)] = 512
+    """Model dreamer: token budget for writing a situation (the conversation up to the user's
+    direction). Lower it for tiny CPU models: a random 4-layer model writes ~100 tokens/s."""
+    reply_max_tokens: Annotated[int, Field(ge=8)] = 512
+    """Model dreamer: token budget for the reply written under the behaviour spec."""
+    judge_max_tokens: Annotated[int, Field(ge=8)] = 96
+    """Model dreamer: token budget for the self-check verdict (two yes/no tags and a reason)."""
+    temperature_min: Annotated[float, Field(ge=0.0, le=2.0)] = 0.3
+    """Model dreamer: lowest temperature the rejection-rate controller may set."""
+    temperature_max: Annotated[float, Field(ge=0.0, le=2.0)] = 1.2
+    """Model dreamer: highest temperature the rejection-rate controller may set."""
+    reply_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    """Model dreamer: sampling temperature of the reply (the judge always decodes greedily)."""
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    """Model dreamer: nucleus sampling for situations and replies."""
+    taxonomy_file: Path | None = None
+    """JSON or TOML file that extends the bundled taxonomy (dreamd/dream/data/taxonomy.json):
+    more domains, topics, personas, flaw types, derail tasks and payloads. docs/dreaming.md."""
+    memory_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    """Share of model-written situations that draw 1-2 'memory seeds' from seed_corpus."""
+
+    @model_validator(mode="after")
+    def _temperature_bounds(self) -> DreamConfig:
+        if not self.temperature_min <= self.temperature <= self.temperature_max:
+            raise ValueError(f"dream.temperature ({self.temperature}) must lie within "
+                             f"[temperature_min {self.temperature_min}, temperature_max "
+                             f"{self.temperature_max}]")
+        return self
 
 
 # Honesty lint defaults (dreamd/dream/honesty.py; docs/dreaming.md lists what each one catches).
@@ -171,6 +216,10 @@ class ScreenConfig(Section):
     role_markers: list[str] = DEFAULT_ROLE_MARKERS
     """Regexes of chat-template garbage that must not appear inside any message or target
     ('<|im_start|>', '[INST]', '<think>', a bare 'assistant' header line)."""
+    near_dup_threshold: Annotated[float, Field(ge=0.5, le=1.0)] = 0.8
+    """Near duplicates: a candidate whose estimated Jaccard similarity (MinHash over word
+    3-grams of the normalised text) with any accepted scenario in the store reaches this is
+    rejected ('near_duplicate: ...'). dreamd/dream/neardup.py; docs/dreaming.md."""
 
     @model_validator(mode="after")
     def _patterns_compile(self) -> ScreenConfig:
@@ -425,6 +474,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     cfg.run.state_dir = fix(cfg.run.state_dir)
     cfg.model.path = fix(cfg.model.path)
     for section, name in (("dream", "spec_file"), ("dream", "seed_corpus"), ("dream", "replay_corpus"),
+                          ("dream", "taxonomy_file"),
                           ("eval", "heldout_text"), ("schedule", "idle_activity_file")):
         sec = getattr(cfg, section)
         setattr(sec, name, fix(getattr(sec, name)))
