@@ -380,3 +380,31 @@ def test_make_engine_without_cuda(dirs: dict[str, Path]) -> None:
     msg = str(info.value)
     assert msg.startswith("engine.kind = 'vllm' but CUDA is not available") and "\n" not in msg
     assert msg.endswith("set engine.kind = 'transformers' or 'auto'")
+
+
+# ---- the window with the transformers engine (the CPU path) ---------------------------------
+@pytest.mark.parametrize("decision", [SLEEP, AWAKE], ids=["sleep", "awake"])
+def test_training_window_with_the_transformers_engine(dirs: dict[str, Path], decision: SleepDecision) -> None:
+    model, tk = _trainer(dirs["qwen3.5"])
+    engine = TransformersEngine(model, tk)
+    ledger = PhaseLedger()
+    window = TrainingWindow(engine, decision, ledger, probe=canary_probe(tk))
+    with window.training(model):
+        assert engine.weights_valid is not decision.sleep
+        _train_a_little(model, tk)
+    assert engine.weights_valid and window.last_canary.ok and window.last_canary.mean_abs_diff == 0.0
+    assert engine.last_push_shared == len(list(model.parameters())) and engine.last_push_copied == 0
+
+
+def test_window_for_config_on_cpu(dirs: dict[str, Path]) -> None:
+    model, tk = _trainer(dirs["llama"])
+    engine = TransformersEngine(model, tk)
+    cfg = Config.model_validate({"engine": {"sleep": "auto", "canary_atol": 1e-4}})
+    window = TrainingWindow.for_config(cfg, engine, model, tk, PhaseLedger())
+    if not torch.cuda.is_available():
+        assert not window.decision.sleep and "no CUDA" in window.decision.reason
+    assert window.canary_atol == 1e-4 and window.probe == canary_probe(tk)
+    assert window.decision.need_bytes > 0
+    with window.training(model):
+        _train_a_little(model, tk, steps=1)
+    assert window.last_canary.ok

@@ -31,10 +31,11 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel
 
+from dreamd.config import Config
 from dreamd.engines.base import Engine
-from dreamd.engines.canary import CanaryMismatch, CanaryResult, run_canary
-from dreamd.engines.ledger import PhaseLedger
-from dreamd.engines.memory import SleepDecision
+from dreamd.engines.canary import CanaryMismatch, CanaryResult, canary_probe, run_canary
+from dreamd.engines.ledger import PhaseLedger, cuda_free_bytes
+from dreamd.engines.memory import SleepDecision, decide_sleep, estimate_training_memory
 
 
 def empty_cuda_cache() -> None:
@@ -59,6 +60,24 @@ class TrainingWindow:
         self.slept = False
         self.last_canary: CanaryResult | None = None
         """Numbers of the last canary, also set when it failed (store them either way)."""
+
+    @classmethod
+    def for_config(cls, cfg: Config, engine: Engine, model: PreTrainedModel, tokenizer, ledger: PhaseLedger, *,
+                   measured_peak_bytes: int | None = None) -> TrainingWindow:
+        """The window for one cycle: the sleep decision from the config (engine.sleep), byte
+        estimates of this model's training, and the free device memory measured now (engine
+        awake, trainer weights resident). `measured_peak_bytes`: the trainer's peak above its
+        weights in an earlier cycle (torch.cuda.max_memory_allocated minus the weights), which
+        replaces the estimate when larger. The decision is kept in `.decision` (store its reason)."""
+        memory = estimate_training_memory(
+            model, cfg.optimizer, batch_size=cfg.train.batch_size, seq_len=cfg.model.max_seq_len,
+            master_weights=cfg.train.bf16_update == "master",
+            eager_attention=cfg.model.attn_implementation == "eager")
+        free = cuda_free_bytes()
+        total = torch.cuda.mem_get_info()[1] if free is not None else None
+        decision = decide_sleep(memory, free, policy=cfg.engine.sleep, total_bytes=total,
+                                measured_peak_bytes=measured_peak_bytes)
+        return cls(engine, decision, ledger, probe=canary_probe(tokenizer), canary_atol=cfg.engine.canary_atol)
 
     def before_train(self) -> None:
         if self.slept:
