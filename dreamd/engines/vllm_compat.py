@@ -13,7 +13,8 @@ What differs (and is handled only here):
   state). 0.33.0 registers it with IsHybrid and a config hook that drops M-RoPE fields. For
   older versions `register_missing_architectures` registers the same thing through the public
   `ModelRegistry.register_model`.
-Nothing in this file runs without vLLM installed except the version helpers.
+vLLM is imported only inside functions (import_vllm, the registration helpers), so this module
+imports on machines without it.
 """
 
 from __future__ import annotations
