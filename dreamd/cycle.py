@@ -154,13 +154,19 @@ def run_cycle(parts: Parts, state: LoopState) -> CycleResult:
             state.pending = None
 
         # ---- train: one pass, every optimizer step a row as it happens ----------------------
+        # The engine sleeps around training only when both do not fit (engines/window.py);
+        # afterwards every weight is pushed into it and the canary checks engine == trainer.
         parts.trainer.set_lr(state.lr)
+        window = parts.window = open_window(parts)
         losses: list[float] = []
         done = 0
+        window.before_train()
         with parts.phase(cycle_id, "train"):
             for res in parts.trainer.train_pass(batches):
                 store.add_train_step(state.run_id, cycle_id, res.step, step_row(res), res.scenario_ids)
                 done += 1
+                if res.peak_mem_bytes is not None:
+                    parts.peak_step_bytes = max(parts.peak_step_bytes or 0, res.peak_mem_bytes)
                 if not res.skipped:
                     losses.append(res.loss)
                 parts.on_step(res)             # pause blocks here; stop is checked below
@@ -168,6 +174,10 @@ def run_cycle(parts: Parts, state: LoopState) -> CycleResult:
                     break
         if done < len(batches):
             return stop_mid_train(parts, state, number, cycle_id, batches[done:], t0)
+        try:
+            window.after_train(parts.model)    # wake, push ALL weights, canary (raises on mismatch)
+        finally:
+            record_window(parts, cycle_id, window)
 
         # ---- evaluate ---------------------------------------------------------------------
         with parts.phase(cycle_id, "evaluate"):
@@ -201,6 +211,31 @@ def run_cycle(parts: Parts, state: LoopState) -> CycleResult:
     log.info("cycle.committed", cycle=number, steps=result.steps, accepted=result.accepted,
              rejected=rejected, mean_loss=result.mean_loss, seconds=round(result.seconds, 2), **metrics)
     return result
+
+
+def open_window(parts: Parts) -> Any:
+    """The sleep/wake/push/canary sequence around this cycle's training (engines/window.py)."""
+    from dreamd.engines.ledger import PhaseLedger
+    from dreamd.engines.window import TrainingWindow
+
+    return TrainingWindow.for_config(parts.cfg, parts.engine, parts.model, parts.tokenizer, PhaseLedger(),
+                                     measured_peak_bytes=parts.peak_above_weights())
+
+
+def record_window(parts: Parts, cycle_id: int, window: Any) -> None:
+    """The engine's phases (sleep, wake, push, canary) as phases rows, the canary's numbers as
+    evals, and the sleep decision as an event."""
+    store = parts.store
+    for row in window.ledger.rows():
+        store.add_phase(parts.run_id, cycle_id, **row)
+    if window.last_canary is not None:
+        canary = window.last_canary
+        store.add_evals(parts.run_id, cycle_id,
+                        {"engine.canary_mean_abs_diff": canary.mean_abs_diff,
+                         "engine.canary_max_abs_diff": canary.max_abs_diff},
+                        details={"engine.canary_mean_abs_diff": canary.to_json()})
+    store.add_event(parts.run_id, "engine_window",
+                    {"cycle_id": cycle_id, "sleep": window.decision.sleep, "reason": window.decision.reason})
 
 
 def step_row(res: Any) -> dict[str, Any]:
