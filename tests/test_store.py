@@ -308,6 +308,8 @@ def test_run_lifecycle_and_utc_times(store: Store) -> None:
     store.set_run_status(run_id, "stopped")
     assert store.find_resumable_run("nightly").id == run_id  # stopped runs resume
     store.set_run_status(run_id, "finished")
+    assert store.find_resumable_run("nightly").id == run_id  # the next `dreamd run` goes on
+    store.set_run_status(run_id, "failed")
     assert store.find_resumable_run("nightly") is None
     with pytest.raises(ValueError, match="naive datetime"):
         store.add_phase(run_id, None, "wake", datetime.now(), 1.0)
