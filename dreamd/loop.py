@@ -31,7 +31,7 @@ class Parts:
     tokenizer: Any
     engine: Any                    # dreamd.engines.base.Engine
     trainer: Any                   # dreamd.train.trainer.Trainer
-    dreamer: Any                   # dreamd.dream.templates.TemplateDreamer
+    dreamer: Any                   # dreamd.dream.routing.RoutingDreamer
     screener: Any                  # dreamd.dream.screen.Screener
     checkpoints: Any               # dreamd.service.checkpoint.CheckpointDir
     on_step: Callable[[Any], None] = field(default=lambda res: None)
@@ -77,8 +77,7 @@ class Parts:
 
 def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     """Build every part and the loop state, resuming the run of this name if one is unfinished."""
-    from dreamd.dream.screen import Screener
-    from dreamd.dream.templates import TemplateDreamer
+    from dreamd.dream.routing import open_dreaming
     from dreamd.engines.select import make_engine
     from dreamd.models import load_model, resolve_device
     from dreamd.service.checkpoint import CheckpointDir, load_checkpoint
@@ -131,9 +130,8 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
         gone = store.supersede_after(run_id, -1)
         store.add_event(run_id, "resume", {"checkpoint": None, "step": 0, "superseded": gone._asdict()})
 
-    dreamer = TemplateDreamer(spec=cfg.spec_text, seed=cfg.run.seed)
-    screener = Screener(cfg.screen, seen=lambda h: store.hash_exists(h) is not None,
-                        model_config=model.config)
+    # dream.source picks the writers; the screener gets every rule incl. near duplicates.
+    dreamer, screener = open_dreaming(cfg, store, run_id, engine, model.config)
     parts = Parts(cfg=cfg, store=store, run_id=run_id, model=model, tokenizer=tokenizer, engine=engine,
                   trainer=trainer, dreamer=dreamer, screener=screener, checkpoints=checkpoints)
     return parts, state

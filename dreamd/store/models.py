@@ -25,6 +25,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -305,3 +306,28 @@ class Phase(Base):
     mem_free_before: Mapped[int | None] = mapped_column(BigInteger)
     mem_free_after: Mapped[int | None] = mapped_column(BigInteger)
     tokens_per_s: Mapped[float | None] = mapped_column(Float)
+
+
+class MinhashSignature(Base):
+    """The MinHash signature of an ACCEPTED scenario (dreamd/dream/neardup.py), so the
+    near-duplicate check holds across restarts and runs. `scheme` names the hashing setup; only
+    signatures of the current scheme are compared. An empty signature marks a scenario without
+    words (never a near duplicate of anything)."""
+
+    __tablename__ = "minhash_signatures"
+
+    scenario_id: Mapped[int] = mapped_column(ForeignKey("scenarios.id"), primary_key=True)
+    scheme: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class MinhashBand(Base):
+    """One LSH band of a signature: two scenarios sharing any `band_key` are compared on their
+    full signatures. 32 rows per indexed scenario."""
+
+    __tablename__ = "minhash_bands"
+
+    scenario_id: Mapped[int] = mapped_column(ForeignKey("scenarios.id"), primary_key=True)
+    band: Mapped[int] = mapped_column(Integer, primary_key=True)
+    band_key: Mapped[int] = mapped_column(BigInteger, index=True)

@@ -38,6 +38,8 @@ from dreamd.store.models import (
     Decision,
     Eval,
     Event,
+    MinhashBand,
+    MinhashSignature,
     Phase,
     Run,
     Scenario,
@@ -360,3 +362,41 @@ class Store(Database):
         with self.read() as s:
             rows = s.execute(query, {"run_id": run_id, "metric": metric}).mappings()
             return [dict(r) for r in rows]
+
+    # ---- near duplicates (dreamd/dream/neardup.py) -------------------------------------------
+    def add_minhashes(self, scheme: str, rows: Sequence[tuple[int, bytes, Sequence[int]]]) -> None:
+        """Index accepted scenarios for the near-duplicate check, in one transaction: per row
+        (scenario id, signature bytes, band keys). A scenario already indexed is left as it is."""
+        if not rows:
+            return
+        with self.session() as s:
+            have = set(s.scalars(select(MinhashSignature.scenario_id)
+                                 .where(MinhashSignature.scenario_id.in_([r[0] for r in rows]))))
+            new = {sid: (sig, keys) for sid, sig, keys in rows if sid not in have}
+            if not new:
+                return
+            s.execute(insert(MinhashSignature),
+                      [{"scenario_id": sid, "scheme": scheme, "signature": sig}
+                       for sid, (sig, _) in new.items()])
+            bands = [{"scenario_id": sid, "band": band, "band_key": key}
+                     for sid, (_, keys) in new.items() for band, key in enumerate(keys)]
+            if bands:
+                s.execute(insert(MinhashBand), bands)
+
+    def minhash_candidates(self, scheme: str, band_keys: Sequence[int]) -> list[tuple[int, bytes]]:
+        """(scenario id, signature) of every indexed scenario sharing a band key."""
+        ids = (select(MinhashBand.scenario_id).where(MinhashBand.band_key.in_(list(band_keys)))
+               .distinct())
+        with self.read() as s:
+            return [(r.scenario_id, r.signature) for r in s.execute(
+                select(MinhashSignature.scenario_id, MinhashSignature.signature)
+                .where(MinhashSignature.scenario_id.in_(ids), MinhashSignature.scheme == scheme))]
+
+    def accepted_without_minhash(self, scheme: str, limit: int = 500) -> dict[int, DreamScenario]:
+        """Accepted scenarios not yet indexed under `scheme` (oldest first), at most `limit`."""
+        indexed = select(MinhashSignature.scenario_id).where(MinhashSignature.scheme == scheme)
+        with self.read() as s:
+            ids = list(s.scalars(select(Scenario.id)
+                                 .where(Scenario.status == "accepted", Scenario.id.not_in(indexed))
+                                 .order_by(Scenario.id).limit(limit)))
+        return self.load_scenarios(ids) if ids else {}
