@@ -108,7 +108,7 @@ def test_bf16_updates_land_with_stochastic_rounding_and_not_with_nearest() -> No
             # Between steps the fp32 work tensors are released: 4 B/param only during a step.
             assert all(w.numel() == 0 for w in trainer.low_precision.work.values())
     assert statistics.mean(landed["stochastic"]) >= 0.95, landed
-    assert statistics.mean(landed["nearest"]) < 0.5, landed  # measured ~0.19 (~0 for |w| >~ 0.003)
+    assert statistics.mean(landed["nearest"]) < 0.5, landed  # measured 0.19-0.31: only near-zero weights move
 
 
 def test_bf16_master_weights_stay_in_fp32_and_round_into_the_model() -> None:

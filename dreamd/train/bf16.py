@@ -81,8 +81,9 @@ class LowPrecisionWeights:
     @torch.no_grad()
     def write_back(self) -> float | None:
         """Round the stepped work tensors into the model's weights; return update_landed."""
-        dot = torch.zeros((), dtype=torch.float64)
-        norm2 = torch.zeros((), dtype=torch.float64)
+        device = next(iter(self.model_params.values())).device
+        dot = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync
+        norm2 = torch.zeros((), dtype=torch.float64, device=device)
         for name, p in self.model_params.items():
             w = self.work[name]
             old = p.detach().float()
@@ -90,13 +91,14 @@ class LowPrecisionWeights:
             new = stochastic_round_to_bf16(w.detach(), self.generator) if self.mode == "stochastic" else w.detach().to(p.dtype)
             intended = w.detach() - before
             actual = new.float() - old
-            dot += (actual.double() * intended.double()).sum().cpu()
-            norm2 += intended.double().pow(2).sum().cpu()
+            dot += (actual.double() * intended.double()).sum()
+            norm2 += intended.double().pow(2).sum()
             p.copy_(new)
             w.grad = None
             if self.mode != "master":
                 w.data = torch.empty(0, device=p.device)  # release the 4 B/param until next step
-        return float(dot / norm2) if norm2 > 0 else None
+        dot, norm2 = float(dot), float(norm2)
+        return dot / norm2 if norm2 > 0 else None
 
     def discard_grads(self) -> None:
         """A skipped step: drop grads and the work tensors without touching the weights."""
