@@ -200,3 +200,18 @@ def test_one_training_pass_on_the_hybrid_model_with_the_context_frozen_gradient(
                    "linear_attn.in_proj_qkv.weight"):
         assert f"model.layers.0.{suffix}" in changed, suffix
     assert mean_loss() < before_loss
+
+
+def test_fp32_parameters_of_a_bf16_model_are_stepped_directly() -> None:
+    model = tiny_model("qwen3.5", dtype=torch.bfloat16)
+    for layer in model.model.layers[:3]:  # as a checkpoint that keeps A_log in fp32 would load
+        layer.linear_attn.A_log.data = layer.linear_attn.A_log.data.float()
+    before = model.model.layers[0].linear_attn.A_log.detach().clone()
+    trainer = Trainer(model, TrainConfig(lr=1e-3, warmup_steps=0), OptimizerConfig(rank=8))
+    assert "model.layers.0.linear_attn.A_log" not in trainer.low_precision.work
+    rows = list(trainer.train_pass(_batches(7, 2)))
+    after = model.model.layers[0].linear_attn.A_log.detach()
+    assert after.dtype == torch.float32 and not torch.equal(after, before)
+    # fp32 precision kept: the change is not a multiple of bf16's spacing.
+    assert not torch.equal(after, after.to(torch.bfloat16).float())
+    assert all(r.update_landed is not None and r.update_landed > 0.9 for r in rows)

@@ -17,6 +17,9 @@ across steps and resumes). Around each step:
 'master' keeps the work tensors as persistent fp32 master weights (4 B/param always; the bf16
 weight is round-to-nearest of the master, which accumulates the small steps exactly).
 
+Only the low-precision parameters go through here; fp32 parameters of the same model are
+stepped directly (their updates land exactly and are left out of update_landed).
+
 Measured per step: update_landed = <dW_actual, dW_intended> / ||dW_intended||^2 summed over all
 parameters, dW_intended = work after step - work before, dW_actual = bf16 after - bf16 before.
 1.0 means the whole intended update reached the model's weights.

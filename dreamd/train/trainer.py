@@ -86,10 +86,11 @@ class Trainer:
             raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
         self.device = next(iter(self.params.values())).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        low = {p.dtype for p in self.params.values()} & {torch.bfloat16, torch.float16}
-        self.low_precision = (LowPrecisionWeights(self.params, train_cfg.bf16_update, self.generator)
-                              if low else None)
-        self.opt_params = self.low_precision.work if self.low_precision else self.params
+        # bf16/fp16 weights are stepped through fp32 work copies; fp32 ones (a model may keep a
+        # few, e.g. via _keep_in_fp32_modules) are stepped directly.
+        low = {n: p for n, p in self.params.items() if p.dtype in (torch.bfloat16, torch.float16)}
+        self.low_precision = LowPrecisionWeights(low, train_cfg.bf16_update, self.generator) if low else None
+        self.opt_params = {n: self.low_precision.work[n] if n in low else p for n, p in self.params.items()}
         self.optimizer = build_optimizer(model, opt_cfg, train_cfg.lr, self.opt_params)
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         self.meter = SavedTensorMeter(model)
