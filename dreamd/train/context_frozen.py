@@ -22,8 +22,10 @@ every other parameter still gets a nonzero gradient, from the reply positions al
 
 Batching: one padded layout for both modes. Row i is [left pad][context_i][reply_i][right pad],
 so every context ends at column C-1 and every reply starts at column C: one cache holds the
-whole batch. position_ids come from the mask, so padding does not shift positions. Measured
-against per-example forwards in docs/benchmarks.md.
+whole batch. position_ids come from the mask, so padding does not shift positions; the Gated
+DeltaNet zeroes padded inputs, so its state stays exactly zero through the left padding. A
+batch of one has no padding: that is what the trainer runs by default (train.forward_layout =
+'per_example', chosen on the measurements in docs/benchmarks.md).
 """
 
 from __future__ import annotations
