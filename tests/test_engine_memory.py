@@ -73,7 +73,7 @@ def test_activation_estimate_covers_what_autograd_saves(arch: str, attn: str) ->
     with SavedTensorMeter(model) as meter:
         model(input_ids=ids, labels=ids, use_cache=False)
     est = estimate_training_memory(model, OptimizerConfig(), batch_size=2, seq_len=128,
-                                   master_weights=False, eager_attention=attn == "eager").activations
+                                   eager_attention=attn == "eager").activations
     # an estimate, but never below what is really kept, and not wildly above (< 3x)
     assert meter.bytes <= est < 3 * meter.bytes
 
@@ -90,9 +90,14 @@ def test_activation_formula() -> None:
 def test_estimate_parts() -> None:
     model = build_tiny_model(tiny_config("llama", 512))
     mem = estimate_training_memory(model, OptimizerConfig(name="adamw"), batch_size=2, seq_len=64,
-                                   master_weights=True, eager_attention=False)
+                                   eager_attention=False)
     n = sum(p.numel() for p in model.parameters())
-    assert mem.weights == mem.grads == 4 * n and mem.master_weights == 4 * n and mem.optimizer == 8 * n
+    assert mem.weights == mem.grads == 4 * n and mem.master_weights == 0 and mem.optimizer == 8 * n
+    # bf16 weights: fp32 work copies (weight + grad) and fp32 moments, whatever bf16_update is.
+    model = model.to(torch.bfloat16)
+    mem = estimate_training_memory(model, OptimizerConfig(name="adamw"), batch_size=2, seq_len=64,
+                                   eager_attention=False)
+    assert mem.weights == mem.grads == 2 * n and mem.master_weights == 8 * n and mem.optimizer == 8 * n
     assert mem.added_by_training(weights_resident=False) - mem.added_by_training() == mem.weights
 
 

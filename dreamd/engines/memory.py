@@ -19,7 +19,10 @@ Estimates, per parameter of shape (m, n) with element size e (the parameter's dt
   Adam moments (2*m*n*e).
   AdamW: 2*m*n*e for every parameter. Plus a transient of the largest parameter (the update
   projected back to full rank, one tensor at a time).
-- master weights (train.bf16_update = 'master'): 4 bytes per parameter.
+- fp32 work copies of 16-bit parameters (dreamd.train.bf16): in EVERY bf16_update mode the
+  optimizer steps fp32 tensors: 'master' keeps them, 'stochastic'/'nearest' materialise them
+  (weight + gradient, 8 bytes per parameter) during optimizer.step(), so the peak holds them
+  either way; and the optimizer's moments are fp32 for those parameters.
 - activations per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation",
   16-bit activations): s*b*h*34 bytes, plus 5*a*s^2*b for the attention scores when attention
   is 'eager' (sdpa/flash do not keep them); scaled by e/2 for other dtypes. Plus the logits in
@@ -99,7 +102,7 @@ def activation_bytes(*, layers: int, hidden: int, heads: int, vocab: int, batch_
 
 
 def estimate_training_memory(model: nn.Module, optimizer: OptimizerConfig, *, batch_size: int, seq_len: int,
-                             master_weights: bool, eager_attention: bool) -> TrainingMemory:
+                             eager_attention: bool) -> TrainingMemory:
     """Byte estimates for training `model` (a transformers causal LM) one step at a time."""
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
@@ -112,10 +115,11 @@ def estimate_training_memory(model: nn.Module, optimizer: OptimizerConfig, *, ba
                             eager_attention=eager_attention)
     if "linear_attention" in (getattr(text, "layer_types", None) or []):
         acts = int(acts * LINEAR_ATTENTION_FACTOR)
+    low = sum(p.numel() for p in params if p.requires_grad and p.element_size() < 4)
     return TrainingMemory(
         weights=weights, grads=grads,
-        optimizer=optimizer_state_bytes(model, optimizer, master_weights=master_weights),
-        master_weights=4 * sum(p.numel() for p in params if p.requires_grad) if master_weights else 0,
+        optimizer=optimizer_state_bytes(model, optimizer, master_weights=low > 0),
+        master_weights=8 * low,
         activations=acts)
 
 

@@ -71,7 +71,6 @@ class TrainingWindow:
         replaces the estimate when larger. The decision is kept in `.decision` (store its reason)."""
         memory = estimate_training_memory(
             model, cfg.optimizer, batch_size=cfg.train.batch_size, seq_len=cfg.model.max_seq_len,
-            master_weights=cfg.train.bf16_update == "master",
             eager_attention=cfg.model.attn_implementation == "eager")
         free = cuda_free_bytes()
         total = torch.cuda.mem_get_info()[1] if free is not None else None

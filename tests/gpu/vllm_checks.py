@@ -95,7 +95,7 @@ def main(name: str, out_json: Path) -> None:
 
     # ---- sleeping window: sleep(2), train, wake weights, push, wake kv, canary ------------------
     memory = estimate_training_memory(model, OptimizerConfig(name="adamw"), batch_size=1, seq_len=64,
-                                      master_weights=False, eager_attention=False)
+                                      eager_attention=False)
     decision = decide_sleep(memory, cuda_free_bytes(), policy="always", total_bytes=total)
     numbers["decision_auto"] = decide_sleep(memory, cuda_free_bytes(), total_bytes=total).reason
     window = TrainingWindow(engine, decision, ledger, probe=probe)
