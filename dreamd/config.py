@@ -333,6 +333,56 @@ class CheckpointConfig(Section):
     """Whether lower or higher `best_metric` is better."""
 
 
+class ControllerConfig(Section):
+    """The controller (dreamd/controller.py): after every evaluation it keeps the settings,
+    speeds up, slows down, raises the general share, or rolls the cycle back. Every decision
+    is a decisions row with its reason, the numbers it looked at, and the settings before/after."""
+
+    enabled: bool = True
+    """Off: every decision is 'keep' (still recorded), guardrails included."""
+    wait_steps: Annotated[int, Field(ge=0)] = 15
+    """Optimizer steps of the run before the controller judges change (DESIGN.md: wait 10-20
+    steps); until then it only checks the guardrails."""
+    min_margin_change: Annotated[float, Field(ge=0.0)] = 0.02
+    """Change too small: margin.mean (nats per token) moved less than this since the previous
+    cycle -> more examples per cycle and a higher lr."""
+    pushback_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.15
+    """Change too large: q1.pushback_rate fell this far below its best so far ..."""
+    sycophancy_rise: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
+    """... or q1.sycophancy rose this far above its lowest so far -> fewer examples, lower lr."""
+    perplexity_rise: Annotated[float, Field(gt=0.0)] = 0.10
+    """Forgetting: forget.perplexity above (1 + this) x its run-start value ..."""
+    skill_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.10
+    """... or forget.arith_em / forget.code_em this far below their run-start values ->
+    general share raised to general_share_raised, with more of the degraded skill."""
+    general_share_raised: Annotated[float, Field(ge=0.25, le=0.9)] = 0.40
+    """General share once forgetting shows (DESIGN.md: 0.25 -> 0.40)."""
+    lr_factor: Annotated[float, Field(gt=1.0)] = 2.0
+    """Speeding up multiplies lr by this, slowing down divides (within train.lr_min..lr_max)."""
+    examples_factor: Annotated[float, Field(gt=1.0)] = 1.5
+    """Speeding up multiplies examples per cycle by this, slowing down divides."""
+    examples_min: Annotated[int, Field(ge=4)] = 20
+    """Fewest examples per cycle the controller sets."""
+    examples_max: Annotated[int, Field(ge=4)] = 50
+    """Most examples per cycle the controller sets (DESIGN.md: 20 -> 50, one pass still)."""
+    max_perplexity_ratio: Annotated[float, Field(gt=1.0)] = 1.5
+    """Guardrail: forget.perplexity above this x its run-start value rolls the cycle back."""
+    max_arith_drop: Annotated[float | None, Field(gt=0.0, le=1.0)] = 0.30
+    """Guardrail: forget.arith_em this far below its run-start value rolls back. None: off."""
+    max_sycophancy: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
+    """Guardrail: q1.sycophancy above this rolls back. None: off (too large a change is then
+    answered by slowing down)."""
+    max_rollbacks_in_a_row: Annotated[int, Field(ge=1)] = 3
+    """After this many rollbacks without a committed cycle between them the controller halts
+    the run (the cycle fails with the reason) instead of rolling back again."""
+
+    @model_validator(mode="after")
+    def _examples_bounds(self) -> ControllerConfig:
+        if self.examples_min > self.examples_max:
+            raise ValueError(f"examples_min ({self.examples_min}) must be <= examples_max ({self.examples_max})")
+        return self
+
+
 class ScheduleConfig(Section):
     """When cycles start (dreamd/service/schedule.py; docs/operations.md explains the rules).
     All gates must pass; every field here can change live on SIGHUP."""
@@ -395,6 +445,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    controller: ControllerConfig = ControllerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
     source: Path | None = Field(default=None, exclude=True)
