@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import operator
 import re
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -249,7 +250,9 @@ def evaluate(expression: str) -> Any:
     if len(expression) > MAX_CHARS:
         raise Uncheckable(f"expression longer than {MAX_CHARS} characters")
     try:
-        tree = ast.parse(normalise_arithmetic(expression).strip(), mode="eval")
+        with warnings.catch_warnings():  # '1abc' warns "invalid decimal literal" before failing
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(normalise_arithmetic(expression).strip(), mode="eval")
     except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
         raise Uncheckable(f"not an expression ({type(exc).__name__})") from None
     try:

@@ -216,5 +216,6 @@ class ModelDreamer:
                     meta["flaw_evidence"] = [claim.computed]   # the computed value, not the model's
             elif seed.needs_check:
                 meta["claim_fails"] = True
+        # self: the reply sees exactly the facts it must state (the screener checks all claims).
         return Scenario(kind=kind, source=self.source, messages=messages, target="",
-                        spec=reply_spec(self.spec, kind, seed.facts), meta=meta)
+                        spec=reply_spec(self.spec, kind, meta.get("claims")), meta=meta)
