@@ -13,6 +13,7 @@ wait and the pause wait; a cycle stuck inside one step starves it and systemd re
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,11 +43,18 @@ class Daemon:
         self.step: int | None = None
         self.block_reason = ""
         self.next_cycle_at: datetime | None = None
+        # Waits (paused, between scheduled cycles) wake at least 4 times per WatchdogSec to ping.
+        watchdog = self.notifier.watchdog_s
+        self.pause_tick_s = 1.0 if watchdog is None else min(1.0, watchdog / 4)
+        self.wait_tick_s = 10.0 if watchdog is None else min(10.0, watchdog / 4)
         self.progress = StepProgress()
 
     # ---- callbacks from the control state (run at step boundaries, never in a handler) ------
     def _on_control_event(self, event: Any) -> None:
         log.info("control", action=event.kind, source=event.source, changed=event.changed)
+        if event.kind == "stop" and event.changed:
+            # Tell systemd at once: the step, checkpoint and commit still to come may take a while.
+            self.notifier.stopping(status=f"stopping ({event.source}): finishing the step, checkpoint")
         if self.parts is not None:
             self.parts.store.add_event(self.parts.run_id, event.kind, event.detail)
 
@@ -64,7 +72,7 @@ class Daemon:
         shown = "paused" if self.control.paused else self.phase
         cycle = self.state.cycle + 1 if self.state else None
         self.notifier.status(status_line(shown, cycle, self.block_reason if shown == "waiting" else ""))
-        write_status(self.cfg.run.state_dir, phase=shown, cycle=cycle, step=self.step,
+        write_status(self.cfg.run.state_dir, pid=os.getpid(), phase=shown, cycle=cycle, step=self.step,
                      paused=self.control.paused, next_cycle_at=self.next_cycle_at,
                      block_reason=self.block_reason, run_id=self.parts.run_id if self.parts else None,
                      updated_at=datetime.now(timezone.utc))
@@ -77,7 +85,7 @@ class Daemon:
         self.step = res.step
         self.progress.step(None if res.skipped else res.loss)
         self.notifier.progress()
-        self.control.step_boundary(heartbeat=self.heartbeat)
+        self.control.step_boundary(heartbeat=self.heartbeat, heartbeat_every=self.pause_tick_s)
 
     def _on_phase(self, name: str, cycle_id: int | None) -> None:
         if name == "train":
@@ -97,6 +105,9 @@ class Daemon:
 
         self.cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
         with Pidfile(self.cfg.run.state_dir):
+            # Replace the previous process's status file at once: `dreamd status` must not show
+            # its last phase while this one migrates the store and loads the model.
+            self.publish("starting")
             self.control.install()
             try:
                 self.parts, self.state = open_parts(self.cfg)
@@ -106,8 +117,10 @@ class Daemon:
                 # The interval grid continues from the last cycle start, across restarts.
                 schedule = Schedule(self.cfg.schedule,
                                     last_started=self.parts.store.last_cycle_started(self.parts.run_id))
-                if self.parts.store.run_paused(self.parts.run_id) and not self.control.paused:
-                    # runs.paused without the flag file (a fresh state dir on a shared store).
+                flagged = self.control.pause_flag is not None and self.control.pause_flag.read() is not None
+                if self.parts.store.run_paused(self.parts.run_id) and not flagged:
+                    # runs.paused without the flag file (a fresh state dir on a shared store). With
+                    # the flag its own pause request is already queued: one events row, not two.
                     self.control.request_pause("store")
                 self.notifier.ready(status="ready")
                 log.info("daemon.ready", run_id=self.parts.run_id, cycle=self.state.cycle,
@@ -121,7 +134,7 @@ class Daemon:
         done = 0
         finished = False
         while True:
-            self.control.step_boundary(heartbeat=self.heartbeat)
+            self.control.step_boundary(heartbeat=self.heartbeat, heartbeat_every=self.pause_tick_s)
             if self.control.should_stop:
                 break
             if self.control.take_reload():
@@ -133,8 +146,9 @@ class Daemon:
                 if not decision.run_now:
                     self.publish("waiting")
                     wait = 30.0 if decision.next_time is None else (decision.next_time - now).total_seconds()
-                    # Wake at least every 10 s to feed the watchdog and re-check idleness.
-                    self.control.sleep(max(0.05, min(wait, 10.0)))
+                    # Wake at least every 10 s (or WatchdogSec / 4) to feed the watchdog and
+                    # re-check idleness.
+                    self.control.sleep(max(0.05, min(wait, self.wait_tick_s)))
                     self.notifier.progress()
                     continue
                 schedule.cycle_started(now)
@@ -186,6 +200,17 @@ class Daemon:
         if "mix.general_share" in result.applied:
             self.state.general_share = self.cfg.mix.general_share
         self.state.lr = min(max(self.state.lr, self.cfg.train.lr_min), self.cfg.train.lr_max)
+        # Parts built at start hold their own config: hand them the new one. The trainer reads
+        # only train.max_nonfinite_steps live (every other train.* field is refused). The
+        # screener compiles its patterns and thresholds once, so a screen.* change rebuilds it,
+        # with the dreamer that feeds its near-duplicate index.
+        self.parts.trainer.cfg = self.cfg.train
+        if any(name.startswith("screen.") for name in result.applied):
+            from dreamd.dream.routing import open_dreaming
+
+            parts = self.parts
+            parts.dreamer, parts.screener = open_dreaming(self.cfg, parts.store, parts.run_id,
+                                                          parts.engine, parts.model.config)
         self.notifier.ready(status="reloaded")
         return schedule.with_config(self.cfg.schedule)
 
