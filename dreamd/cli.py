@@ -58,21 +58,13 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_signal(args: argparse.Namespace) -> int:
     import signal
 
-    from dreamd.service.control import signal_daemon
-
-    from dreamd.service.control import PauseFlag, daemon_status
+    from dreamd.service.control import daemon_status, signal_daemon
 
     cfg = _config(args)
     if not daemon_status(cfg.run.state_dir).running:
-        # No daemon: the flag file alone decides how the next start comes up.
-        flag = PauseFlag(cfg.run.state_dir)
-        if args.command == "pause":
-            cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
-            flag.set("dreamd pause")
-        else:
-            flag.clear()
-        print(f"dreamd: no daemon running for {cfg.run.state_dir}; the next start comes up "
-              f"{'paused' if args.command == 'pause' else 'running'}")
+        from dreamd.status import record_pause_offline
+
+        print(record_pause_offline(cfg, paused=args.command == "pause"))
         return 0
     sig = signal.SIGUSR1 if args.command == "pause" else signal.SIGUSR2
     pid = signal_daemon(cfg.run.state_dir, sig)

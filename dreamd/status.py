@@ -93,6 +93,34 @@ def read_status(state_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def record_pause_offline(cfg: Config, paused: bool) -> str:
+    """`dreamd pause|resume` with no daemon running: the flag file decides how the next start
+    comes up, and the run it will resume gets the same runs.paused and an events row (a daemon
+    also pauses at start for runs.paused alone, so a stale True would undo `dreamd resume`).
+    Returns the line to print."""
+    from dreamd.errors import UsageError
+    from dreamd.service.control import PauseFlag
+
+    kind = "pause" if paused else "resume"
+    flag = PauseFlag(cfg.run.state_dir)
+    if paused:
+        flag.set(f"dreamd {kind}")
+    else:
+        flag.clear()
+    line = (f"dreamd: no daemon running for {cfg.run.state_dir}; the next start comes up "
+            f"{'paused' if paused else 'running'}")
+    try:
+        store = _open_store(cfg)
+    except UsageError:
+        return line + " (no run in the store yet)"
+    run = store.find_resumable_run(cfg.run.name)
+    if run is None:
+        return line + f" (no run named {cfg.run.name!r} to mark yet)"
+    store.set_paused(run.id, paused)
+    store.add_event(run.id, kind, f"{kind} requested by dreamd {kind} with no daemon running")
+    return line + f" (run {run.id} marked {'paused' if paused else 'not paused'})"
+
+
 def print_status(cfg: Config, as_json: bool = False) -> int:
     from dreamd.service.control import daemon_status
 
