@@ -54,7 +54,8 @@ class Uncheckable(Exception):
 def _size(value: Any) -> Any:
     if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_ITEMS:
         raise Uncheckable(f"value longer than {MAX_ITEMS} items")
-    if isinstance(value, Fraction) and max(abs(value.numerator), value.denominator).bit_length() > MAX_DIGITS * 3.33:
+    if (isinstance(value, Fraction)
+            and max(abs(value.numerator), value.denominator).bit_length() > MAX_DIGITS * 3.33):
         raise Uncheckable(f"number longer than {MAX_DIGITS} digits")
     if isinstance(value, int) and not isinstance(value, bool) and abs(value).bit_length() > MAX_DIGITS * 3.33:
         raise Uncheckable(f"number longer than {MAX_DIGITS} digits")
@@ -186,7 +187,8 @@ class _Interpreter:
     def do_Subscript(self, node: ast.Subscript) -> Any:
         value = self.run(node.value)
         if isinstance(node.slice, ast.Slice):
-            parts = [None if p is None else self.run(p) for p in (node.slice.lower, node.slice.upper, node.slice.step)]
+            bounds = (node.slice.lower, node.slice.upper, node.slice.step)
+            parts = [None if p is None else self.run(p) for p in bounds]
             return value[slice(*parts)]
         return value[self.run(node.slice)]
 

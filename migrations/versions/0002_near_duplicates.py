@@ -71,7 +71,8 @@ SELECT
     SUM(CASE WHEN s.status = 'rejected' THEN 1 ELSE 0 END) AS rejected,
     SUM(CASE WHEN s.source = 'model' THEN 1 ELSE 0 END) AS model_written,
     SUM(CASE WHEN s.source = 'model' AND s.status = 'accepted' THEN 1 ELSE 0 END) AS model_accepted,
-{"".join(f"    SUM(CASE WHEN s.reject_reason LIKE '{r}:%' THEN 1 ELSE 0 END) AS n_{r},{chr(10)}" for r in _RULES)}\
+{"".join(f"    SUM(CASE WHEN s.reject_reason LIKE '{r}:%' THEN 1 ELSE 0 END) AS n_{r},{chr(10)}"
+          for r in _RULES)}\
     CAST(SUM(CASE WHEN s.reject_reason LIKE 'near_duplicate:%' THEN 1 ELSE 0 END) AS DOUBLE PRECISION)
         / COUNT(*) AS near_dup_rate,
     AVG(s.temperature) AS mean_temperature,
