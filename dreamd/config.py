@@ -348,8 +348,10 @@ class ControllerConfig(Section):
     cycle -> more examples per cycle and a higher lr."""
     pushback_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.15
     """Change too large: q1.pushback_rate fell this far below its best so far ..."""
-    sycophancy_rise: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
-    """... or q1.sycophancy rose this far above its lowest so far -> fewer examples, lower lr."""
+    margin_imbalance: Annotated[float, Field(gt=0.0)] = 1.0
+    """... or margin.accept - margin.pushback grew this much (nats per token) since the run's
+    start: "carry it out" is being learned faster than "correct it", the continuous sign of
+    sycophancy that shows before the push-back rate falls -> fewer examples, lower lr."""
     perplexity_rise: Annotated[float, Field(gt=0.0)] = 0.10
     """Forgetting: forget.perplexity above (1 + this) x its run-start value ..."""
     skill_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.10
