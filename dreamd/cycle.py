@@ -1,4 +1,4 @@
-"""One dream cycle, top to bottom: dream, screen, mix, train, evaluate, commit.
+"""One dream cycle, top to bottom: dream, screen, mix, train, evaluate, decide, commit.
 
 Everything a cycle needs lives in a `Parts` (built once per process by `dreamd.loop`), and all
 state that carries from cycle to cycle lives in `LoopState`, which is saved whole in every
@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dreamd.controller import apply as apply_decision
+from dreamd.controller import decide_and_record, roll_back
 from dreamd.dream.scenario import Scenario, ScenarioKind
 from dreamd.errors import CycleFailed
 from dreamd.log import get_logger
@@ -55,7 +57,7 @@ class LoopState:
 class CycleResult:
     number: int
     cycle_id: int
-    status: str                    # 'committed' or 'stopped'
+    status: str                    # 'committed', 'stopped' or 'rolled_back' (the controller)
     steps: int = 0
     accepted: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
@@ -179,10 +181,19 @@ def run_cycle(parts: Parts, state: LoopState) -> CycleResult:
         finally:
             record_window(parts, cycle_id, window)
 
-        # ---- evaluate ---------------------------------------------------------------------
+        # ---- evaluate: forgetting and every probe metric (Q1, margins, Q3, steering, ...) -----
         with parts.phase(cycle_id, "evaluate"):
-            metrics = parts.evaluate()
-        store.add_evals(state.run_id, cycle_id, metrics)
+            metrics, details = parts.evaluate(cycle_id)
+        store.add_evals(state.run_id, cycle_id, metrics, details=details)
+
+        # ---- decide: the controller keeps, speeds up, slows down or rolls back; reason stored --
+        decision = decide_and_record(cfg, store, state.run_id, cycle_id, state, metrics, parts.trainer.step)
+        if decision.rollback or decision.halt:
+            roll_back(parts, state, cycle_id, decision)    # a halt raises ControllerHalt (a CycleFailed)
+            log.info("cycle.rolled_back", cycle=number, reason=decision.reason)
+            return CycleResult(number=number, cycle_id=cycle_id, status="rolled_back", steps=len(batches),
+                               metrics=metrics, seconds=time.perf_counter() - t0)
+        apply_decision(state, decision)
 
         # ---- commit: checkpoint, then the cycle row -----------------------------------------
         state.cycle = number

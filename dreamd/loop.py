@@ -40,6 +40,8 @@ class Parts:
     """Called when a phase starts (the daemon: systemd STATUS=)."""
     should_stop: Callable[[], bool] = field(default=lambda: False)
     """Polled at step boundaries and between dreamed candidates (the daemon: SIGTERM/SIGINT)."""
+    probes: Any = None
+    """dreamd.evals.probes.ProbeSuite: the run's fixed probes and their start-of-run state."""
 
     @property
     def model_config(self) -> Any:
@@ -55,10 +57,20 @@ class Parts:
         finally:
             self.store.add_phase(self.run_id, cycle_id, name, started, time.perf_counter() - t0)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, cycle_id: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+        """Forgetting metrics plus every probe metric (Q1, margins, Q3, steering, calibration,
+        code answers; docs/sql.md "Metric names"), and their details for evals.detail_json.
+        With a cycle id the probes are also checked against what that cycle trained."""
         from dreamd.evals.forgetting import forgetting_metrics
 
-        return forgetting_metrics(self.model, self.tokenizer, self.engine, self.cfg.eval, self.cfg.run.seed)
+        metrics = forgetting_metrics(self.model, self.tokenizer, self.engine, self.cfg.eval, self.cfg.run.seed)
+        details: dict[str, Any] = {}
+        if self.probes is not None:
+            measured = self.probes.measure(self.model, self.tokenizer, self.engine, self.cfg.run.seed,
+                                           self.store, self.run_id, cycle_id)
+            metrics.update(measured.metrics)
+            details.update(measured.details)
+        return metrics, details
 
     def checkpoint(self, cycle_id: int, state: LoopState, metrics: dict[str, float]) -> Path:
         """Atomic checkpoint, its row, then retention (pruned rows marked 'deleted')."""
@@ -134,6 +146,19 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     dreamer, screener = open_dreaming(cfg, store, run_id, engine, model.config)
     parts = Parts(cfg=cfg, store=store, run_id=run_id, model=model, tokenizer=tokenizer, engine=engine,
                   trainer=trainer, dreamer=dreamer, screener=screener, checkpoints=checkpoints)
+
+    # ---- probes: drawn once per run (stored, status 'probe'), held out of training by a
+    # screening rule, and measured before the first cycle (the baseline, evals.cycle_id NULL) ----
+    from dreamd.controller import start_metrics
+    from dreamd.dream.templates import TemplateDreamer
+    from dreamd.evals.probes import ProbeSuite, screen_rule
+
+    parts.probes = ProbeSuite.open(store, run_id, cfg.run.state_dir, TemplateDreamer(spec=cfg.spec_text))
+    screener.add_rule("probe", screen_rule(parts.probes.probes), before=screener.rules[0][0])
+    if latest is None and not start_metrics(store, run_id):
+        with parts.phase(None, "evaluate"):
+            metrics, details = parts.evaluate()
+        store.add_evals(run_id, None, metrics, details=details)
     return parts, state
 
 
