@@ -42,6 +42,17 @@ class Parts:
     """Polled at step boundaries and between dreamed candidates (the daemon: SIGTERM/SIGINT)."""
     probes: Any = None
     """dreamd.evals.probes.ProbeSuite: the run's fixed probes and their start-of-run state."""
+    window: Any = None
+    """The current cycle's engines.window.TrainingWindow (rollback pushes through it)."""
+    peak_step_bytes: int | None = None
+    """Largest per-step peak memory seen (CUDA: max_memory_allocated), for the sleep decision."""
+
+    def peak_above_weights(self) -> int | None:
+        """Measured training memory beyond the weights, once a CUDA step has run."""
+        if self.peak_step_bytes is None or next(self.model.parameters()).device.type != "cuda":
+            return None
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return max(0, self.peak_step_bytes - weights)
 
     @property
     def model_config(self) -> Any:
@@ -182,6 +193,13 @@ def rollback_to_latest(parts: Parts, state: LoopState, reason: str) -> LoopState
         for name, p in parts.model.named_parameters():
             p.copy_(fresh.get_parameter(name))
     del fresh
+    # The engine must serve the restored weights too (a sleeping vLLM is woken first); the
+    # canary checks it. On CPU the engine shares the model's storage and this is a check only.
+    from dreamd.cycle import open_window
+
+    window = parts.window if parts.window is not None else open_window(parts)
+    window.after_train(parts.model)
+    parts.window = None
     before = {"lr": state.lr, "general_share": state.general_share,
               "examples_per_cycle": state.examples_per_cycle, "step": parts.trainer.step}
     parts.trainer = Trainer(parts.model, parts.cfg.train, parts.cfg.optimizer, seed=parts.cfg.run.seed)
