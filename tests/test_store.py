@@ -113,8 +113,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9999"
+down_revision = HEAD
 branch_labels = None
 depends_on = None
 
@@ -143,7 +143,7 @@ def with_extra_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source:
     """Point the store at a copy of the migrations plus `source` as revision 0002."""
     migrations = tmp_path / "migrations"
     shutil.copytree(db.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0002_extra.py").write_text(source)
+    (migrations / "versions" / "9999_extra.py").write_text(source.replace("HEAD", repr(head_revision())))
     monkeypatch.setattr(db, "MIGRATIONS_DIR", migrations)
 
 
@@ -155,13 +155,14 @@ def test_sqlite_backup_and_batch_migration(tmp_path: Path, monkeypatch: pytest.M
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 4)
     sid, _ = store.add_scenario(run_id, cycle_id, scenario(1), "accepted")
     store.add_train_step(run_id, cycle_id, 1, step_metrics(), [sid])
+    head = head_revision()
     with_extra_revision(tmp_path, monkeypatch, REVISION_0002)
 
     result = store.upgrade()
-    assert (result.from_revision, result.to_revision) == ("0001", "0002")
-    assert result.backup == tmp_path / "dreamd.sqlite.bak-0001"
+    assert (result.from_revision, result.to_revision) == (head, "9999")
+    assert result.backup == tmp_path / f"dreamd.sqlite.bak-{head}"
     with sqlite3.connect(result.backup) as bak:  # the copy holds the rows (incl. WAL frames)
-        assert bak.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        assert bak.execute("SELECT version_num FROM alembic_version").fetchall() == [(head,)]
         assert bak.execute("SELECT COUNT(*) FROM step_examples").fetchone() == (1,)
     assert "note" in {c["name"] for c in inspect(store.engine).get_columns("train_steps")}
     assert store.cycle_summary(run_id)[0]["steps"] == 1  # views work on the recreated table
@@ -173,11 +174,12 @@ def test_sqlite_backup_and_batch_migration(tmp_path: Path, monkeypatch: pytest.M
 
 def test_failed_migration_leaves_the_store_as_it_was(store: Store, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    head = head_revision()
     with_extra_revision(tmp_path, monkeypatch, REVISION_0002.replace(
         "    op.execute(r0001.CYCLE_SUMMARY)", "    raise RuntimeError('half done')"))
     with pytest.raises(RuntimeError, match="half done"):
         store.upgrade()
-    assert store.current_revision() == "0001"
+    assert store.current_revision() == head
     insp = inspect(store.engine)
     assert "note" not in {c["name"] for c in insp.get_columns("train_steps")}
     assert VIEWS <= set(insp.get_view_names())  # the dropped views are back
