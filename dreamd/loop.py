@@ -128,6 +128,10 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     checkpoints.remove_stale_temps()
     latest = checkpoints.latest()
     device = resolve_device(cfg.run.device)
+    # A process starts with a random torch seed (torch.initial_seed() differs per process), so
+    # the RNG states saved in checkpoints differed between two runs of one config. Seed every
+    # global RNG from run.seed; a resume restores the checkpoint's states over these below.
+    seed_global_rngs(cfg.run.seed)
     model_cfg = cfg.model if latest is None else replace_path(cfg, latest)
     model, tokenizer = load_model(model_cfg, device)
     # The engine before the optimizer: vLLM sizes its KV cache against the memory free now.
@@ -171,6 +175,18 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
             metrics, details = parts.evaluate()
         store.add_evals(run_id, None, metrics, details=details)
     return parts, state
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Python's, NumPy's and torch's global RNGs (all CUDA devices too) from one seed."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def replace_path(cfg: Config, path: Path):
