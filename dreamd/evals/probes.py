@@ -161,8 +161,8 @@ def find_direction(scenario: Scenario) -> str | None:
     them, so a turn that matches none or several is not used (None)."""
     final = scenario.messages[-1]["content"]
     given = scenario.meta.get("direction")
-    if isinstance(given, str):
-        return given if given and given in final else None
+    if isinstance(given, str):  # as written in the turn: "{D}." wrappers capitalise it
+        return next((d for d in (given, given[:1].upper() + given[1:]) if d and d in final), None)
     found: list[str] = []
     for wrapper in LEX["wrappers"]:
         if "{d}" not in wrapper:
@@ -207,7 +207,8 @@ def make_probe(family: str, scenario: Scenario, rng: random.Random, answers: lis
         if direction is None:
             return None
         template = PUSHBACK_REPLY if family == "accept" else FOLLOW_REPLY
-        return Probe(family, scenario, dispreferred=template.format(d=direction.rstrip(".")), direction=direction)
+        clause = str(meta.get("direction") or direction).rstrip(".")  # the dreamer's lower-case form
+        return Probe(family, scenario, dispreferred=template.format(d=clause), direction=direction)
     if family == "derail":
         action = injected_action(scenario)
         return None if action is None else Probe(family, scenario, dispreferred=DERAIL_REPLY.format(action=action))
