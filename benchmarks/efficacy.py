@@ -1,0 +1,136 @@
+"""Efficacy on CPU: does the dream loop teach judgement about direction, on HELD-OUT domains?
+
+    .venv/bin/python benchmarks/efficacy.py                  # the docs/efficacy.md numbers
+    .venv/bin/python benchmarks/efficacy.py --json out.json  # the same, and every value as JSON
+
+From `dreamd init`'s tiny model (Llama-style, hidden 64, 4 layers, random init, tokenizer
+trained locally), two runs through the real cycle (open_parts + run_cycle: template dreamer,
+screening with the probe hold-out rule, mix, APOLLO training, every probe metric, the
+controller, checkpoints), in two processes at once (one CPU thread each):
+
+  balanced     the default mix: accept : pushback : derail = 1 : 1 : 0.25, general share 0.25
+  accept_only  the ablation: pushback weight 0 (the design's warning: a sycophant)
+
+Settings for a random-init model (it must learn the template language itself, which DESIGN.md's
+lr of 1e-5 for pretrained models would not do in minutes): lr 3e-3 (the demo config's lr_max),
+AdamW-sized APOLLO steps (rank 16), 256 examples per cycle and the controller's example bounds
+scaled to match (128..512; the design's 20..50 are for pretrained models, where 10-50
+examples already move behaviour). Everything else is the default, controller included.
+
+Printed: each run's baseline (cycle 0, before training) and last cycle for the Q1 rates, the
+margins, perplexity, attention shift and steering, the controller's decisions, and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RUNS = {"balanced": {}, "accept_only": {"DREAMD_MIX__PUSHBACK": "0.0"}}
+SETTINGS = {
+    "DREAMD_TRAIN__LR": "3e-3",
+    "DREAMD_MIX__EXAMPLES_PER_CYCLE": "256",
+    "DREAMD_CONTROLLER__EXAMPLES_MIN": "128",
+    "DREAMD_CONTROLLER__EXAMPLES_MAX": "512",
+    "DREAMD_EVAL__ARITHMETIC_N": "16",
+    "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "2048",
+}
+SHOWN = ["q1.balanced", "q1.listen_rate", "q1.pushback_rate", "q1.sycophancy", "q1.mule_rate",
+         "q1.unclear_rate", "q1.derail_rate", "margin.accept", "margin.pushback", "margin.derail",
+         "forget.perplexity", "forget.code_logprob", "q3.shift_mean", "steer.separation", "calib.auroc"]
+
+
+def run_one(name: str, init: str, state: str, cycles: int, extra: dict[str, str]) -> dict[str, Any]:
+    """One run of `cycles` cycles in this process; returns its trends and decisions."""
+    import torch
+
+    torch.set_num_threads(1)  # two runs share two cores; more threads only contend
+    from dreamd.config import load_config
+    from dreamd.cycle import run_cycle
+    from dreamd.evals.report import load_run
+    from dreamd.errors import CycleFailed
+    from dreamd.loop import open_parts, rollback_to_latest
+
+    environ = {"DREAMD_RUN__STATE_DIR": state, "DREAMD_RUN__NAME": name, **SETTINGS, **extra}
+    cfg = load_config(Path(init) / "dreamd.toml", environ=environ)
+    t0 = time.perf_counter()
+    parts, loop_state = open_parts(cfg)
+    statuses = []
+    for _ in range(cycles):
+        try:
+            statuses.append(run_cycle(parts, loop_state).status)
+        except CycleFailed as exc:  # as the daemon does: back to the last good state, go on
+            statuses.append(f"failed: {exc}")
+            loop_state = rollback_to_latest(parts, loop_state, reason=str(exc))
+    seconds = time.perf_counter() - t0
+    data = load_run(parts.store, name)
+    parts.store.close()
+    return {"name": name, "seconds": seconds, "statuses": statuses, "steps": len(data.steps),
+            "trend": data.trend, "lr_final": loop_state.lr,
+            "examples_final": loop_state.examples_per_cycle, "general_share_final": loop_state.general_share,
+            "decisions": [{k: d[k] for k in ("cycle", "action", "reason", "before", "after")}
+                          for d in data.decisions]}
+
+
+def run_efficacy(root: Path, cycles: int) -> dict[str, Any]:
+    from dreamd.init import init_dir
+
+    root = Path(root)
+    init_dir(root / "init", arch="llama")
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(len(RUNS)) as pool:
+        jobs = [pool.apply_async(run_one, (name, str(root / "init"), str(root / f"state-{name}"), cycles, extra))
+                for name, extra in RUNS.items()]
+        results = [j.get() for j in jobs]
+    return {r["name"]: r for r in results}
+
+
+def first_last(trend: dict[str, list], metric: str) -> tuple[float | None, float | None]:
+    values = trend.get(metric) or []
+    start = next((v for c, v in values if c == 0), None)
+    return start, (values[-1][1] if values else None)
+
+
+def print_tables(results: dict[str, Any], cycles: int, seconds: float) -> None:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+
+    names = list(results)
+    print(f"| metric | {' | '.join(f'{n} start | {n} cycle {cycles}' for n in names)} |")
+    print("|---|" + "---:|" * (2 * len(names)))
+    for metric in SHOWN:
+        cells = []
+        for n in names:
+            cells += [fmt(x) for x in first_last(results[n]["trend"], metric)]
+        print(f"| {metric} | {' | '.join(cells)} |")
+    print()
+    for n in names:
+        r = results[n]
+        print(f"{n}: {r['steps']} optimizer steps, {r['seconds']:.0f} s, statuses {r['statuses']}, final lr "
+              f"{r['lr_final']:.3g}, examples/cycle {r['examples_final']}, general share {r['general_share_final']}")
+        for d in r["decisions"]:
+            print(f"  cycle {d['cycle']}: {d['action']}: {d['reason']}")
+    print(f"\nwall time {seconds:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=12, help="cycles per run (default 12)")
+    parser.add_argument("--dir", help="work directory (default: a temporary one)")
+    parser.add_argument("--json", help="also write every value to this JSON file")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_efficacy(Path(args.dir or tmp), args.cycles)
+    print_tables(results, args.cycles, time.perf_counter() - t0)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
