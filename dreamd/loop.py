@@ -85,7 +85,8 @@ class Parts:
 
     def checkpoint(self, cycle_id: int, state: LoopState, metrics: dict[str, float]) -> Path:
         """Atomic checkpoint, its row, then retention (pruned rows marked 'deleted')."""
-        loop_state = {**state.to_json(), "step": self.trainer.step}
+        # cycle_id: a restart after a crash between the save and the rows below settles them.
+        loop_state = {**state.to_json(), "step": self.trainer.step, "cycle_id": cycle_id}
         saved = self.checkpoints.save(model=self.model, tokenizer=self.tokenizer,
                                       trainer_state=self.trainer.state_dict(), loop_state=loop_state,
                                       config=self.cfg, metrics=metrics)
@@ -147,6 +148,7 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
         ck.restore_rng()
         fields = {k: v for k, v in ck.loop_state.items() if k in LoopState.__dataclass_fields__}
         state = LoopState(**fields)
+        settle_checkpoint_rows(store, run_id, latest, ck)
         # Steps are 0-based: a checkpoint after `trainer.step` steps holds steps 0..step-1.
         gone = store.supersede_after(run_id, trainer.step - 1)
         store.add_event(run_id, "resume", {"checkpoint": latest.name, "step": trainer.step,
@@ -175,6 +177,31 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
             metrics, details = parts.evaluate()
         store.add_evals(run_id, None, metrics, details=details)
     return parts, state
+
+
+def settle_checkpoint_rows(store: Any, run_id: int, path: Path, loaded: Any) -> None:
+    """Bring the store up to the checkpoint a restart resumes from. A save renames the
+    checkpoint into place and then writes its row, prunes old ones and ends the cycle: a crash
+    in between (~ms, or a SIGKILL after TimeoutStopSec during a stop) left the cycle 'running',
+    so the resume superseded a cycle whose steps are in the weights, and a stopped cycle's
+    pending batches could not reopen it. The checkpoint is the truth: add its missing row, mark
+    rows of pruned directories 'deleted', and end the cycle as the checkpoint says."""
+    loop_state = loaded.loop_state
+    cycle_id = loop_state.get("cycle_id")
+    rows = store.complete_checkpoints(run_id)
+    for row in rows:
+        if not Path(row.path).exists():
+            store.set_checkpoint_status(row.id, "deleted")
+    if cycle_id is None:  # saved before checkpoints named their cycle
+        return
+    if str(path) not in {row.path for row in rows}:
+        store.add_checkpoint(run_id, cycle_id, loop_state["step"], path, loaded.manifest["sha256"],
+                             loaded.manifest["bytes"])
+    pending = loop_state.get("pending")
+    status = "stopped" if pending else "committed"
+    if store.settle_cycle(cycle_id, status, error=f"{status} by checkpoint {path.name}; the process "
+                          "died before it recorded that" if pending else None):
+        store.add_event(run_id, "settled", {"cycle_id": cycle_id, "status": status, "checkpoint": path.name})
 
 
 def seed_global_rngs(seed: int) -> None:

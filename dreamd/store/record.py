@@ -142,6 +142,15 @@ class Store(Database):
             s.execute(update(Cycle).where(Cycle.id == cycle_id)
                       .values(status=status, error=error, finished_at=utcnow()))
 
+    def settle_cycle(self, cycle_id: int, status: str, error: str | None = None) -> bool:
+        """End a cycle that is still 'running' (its process died after the checkpoint that
+        completed it, before finish_cycle); a cycle already ended is left alone. True when it
+        changed."""
+        _check(status, CYCLE_STATUSES[1:], "final cycle status")
+        with self.session() as s:
+            return s.execute(update(Cycle).where(Cycle.id == cycle_id, Cycle.status == "running")
+                             .values(status=status, error=error, finished_at=utcnow())).rowcount == 1
+
     def reopen_cycle(self, cycle_id: int) -> None:
         """A 'stopped' cycle resumes (its remaining batches train now): back to 'running'."""
         with self.session() as s:
@@ -243,8 +252,10 @@ class Store(Database):
 
     def supersede_after(self, run_id: int, step: int) -> Superseded:
         """Take everything after optimizer step `step` out of the run's lineage (resume or
-        rollback to the checkpoint at that step): active train_steps with a higher step and
-        complete checkpoints with a higher step become 'superseded'; so do the cycles that
+        rollback to the checkpoint that ends with that step): active train_steps with a higher
+        step and complete checkpoints holding a later step become 'superseded' (a checkpoint's
+        step counts the steps it holds, 0-based steps 0..step-1, so the one resumed from has
+        step == `step` + 1 and stays 'complete'); so do the cycles that
         trained those steps and any cycle still 'running' (it was interrupted), unless already
         marked 'failed' or 'rolled_back' (kept: they say why). Returns the counts."""
         with self.session() as s:
@@ -264,7 +275,7 @@ class Store(Database):
                 .values(status="superseded"))
             checkpoints = s.execute(
                 update(Checkpoint)
-                .where(Checkpoint.run_id == run_id, Checkpoint.step > step,
+                .where(Checkpoint.run_id == run_id, Checkpoint.step > step + 1,
                        Checkpoint.status == "complete")
                 .values(status="superseded"))
             return Superseded(steps.rowcount, cycles.rowcount, checkpoints.rowcount)
