@@ -170,9 +170,11 @@ def test_rollback_and_halt_in_real_cycles(tmp_path: Path) -> None:
     good = {k: v.clone() for k, v in parts.model.state_dict().items()}
     step, lr = parts.trainer.step, state.lr
 
-    # Without the probe rule the dreamer's held-out domains reach training: the cycle must go.
+    # Without the hold-out (dreamer filter and screening rule) the held-out domains reach
+    # training: the cycle must go.
     probe_rule = next(r for r in parts.screener.rules if r[0] == "probe")
     parts.screener.rules.remove(probe_rule)
+    held_out_dreamer, parts.dreamer = parts.dreamer, parts.dreamer.inner
     result = run_cycle(parts, state)
     assert result.status == "rolled_back" and result.metrics["probes.heldout_trained"] > 0
     assert all(torch.equal(v, good[k]) for k, v in parts.model.state_dict().items())
@@ -189,6 +191,7 @@ def test_rollback_and_halt_in_real_cycles(tmp_path: Path) -> None:
 
     # With the rule back, cycle 2 commits on a new attempt.
     parts.screener.rules.insert(0, probe_rule)
+    parts.dreamer = held_out_dreamer
     from dreamd.loop import rollback_to_latest
     restored = rollback_to_latest(parts, state, reason="test: recover after the halt")
     assert run_cycle(parts, restored).status == "committed"

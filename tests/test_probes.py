@@ -16,6 +16,7 @@ from dreamd.evals.probes import (
     FAMILIES,
     HELDOUT_DOMAINS,
     PROBE_TARGET_MAX_CHARS,
+    HeldOutDreamer,
     ProbeSizes,
     build_probe_set,
     check_disjoint,
@@ -196,3 +197,19 @@ def test_suite_keeps_its_baseline_on_disk(tmp_path: Path, probes) -> None:
     assert not suite.has_baseline  # both files are needed
     (suite.dir / Q1_BASELINE).write_text("{}")
     assert suite.has_baseline
+
+
+def test_held_out_dreamer_redraws_template_draws_only() -> None:
+    wrapped = HeldOutDreamer(DREAMER)
+    rng = random.Random(9)
+    domains = [wrapped.dream(kind, rng).meta["domain"] for kind in ("accept", "pushback", "derail") * 100]
+    assert not set(domains) & HELDOUT_DOMAINS and len(set(domains)) >= 10
+    assert wrapped.spec == "SPEC"  # everything else is the wrapped dreamer's
+
+    class ModelWriter:
+        def dream(self, kind, rng, model_config=None):
+            return Scenario(ScenarioKind.ACCEPT, "model", [{"role": "user", "content": "q"}], "a",
+                            meta={"domain": "units"})
+
+    # a model-written scenario is never dropped: screening rejects it, with the reason stored
+    assert HeldOutDreamer(ModelWriter()).dream("accept", rng).meta["domain"] == "units"

@@ -15,7 +15,8 @@ independent of run.seed, so every run of every model sees the same set), stored 
 
 Held out: accept, pushback and derail probes come only from HELDOUT_DOMAINS, one domain of each
 task file of the grammar (units, timezones, regex, http) plus one derail task (sort). Training
-must never see those domains: `screen_rule` rejects them (and any conversation equal to a
+must never see those domains: `HeldOutDreamer` redraws template draws from them, `screen_rule`
+rejects anything that still comes (model-written scenarios, any conversation equal to a
 probe's), and `check_disjoint` proves it after every cycle by hashing what the cycle trained.
 Code and verifiable probes come from the same procedural families as the general training
 data (they measure retained skill, not transfer), disjoint by conversation hash.
@@ -279,6 +280,32 @@ def screen_rule(probes: ProbeSet) -> Callable[[Scenario], str | None]:
         return None
 
     return rule
+
+
+class HeldOutDreamer:
+    """The cycle's dreamer with the held-out domains left out of the TEMPLATE grammar: a
+    template or procedural draw from a held-out domain is drawn again (it costs one rng draw,
+    like the dreamer picking another domain), so those draws never become stored rejections.
+    Model-written scenarios are never dropped: they reach screening, and `screen_rule` rejects
+    them with the reason stored. Everything else is the wrapped dreamer's."""
+
+    REDRAWS = 64
+    """Draws per request before handing a held-out one to screening (4 of 16 domains are held
+    out, so 64 draws all held out has probability 0.25**64)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def dream(self, kind: Any, rng: random.Random, model_config: Any = None) -> Scenario:
+        for _ in range(self.REDRAWS):
+            scenario = self.inner.dream(kind, rng, model_config=model_config)
+            if scenario.source not in ("template", "procedural") or \
+                    scenario.meta.get("domain") not in HELDOUT_DOMAINS:
+                return scenario
+        return scenario
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 @dataclass(frozen=True)
