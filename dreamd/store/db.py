@@ -14,6 +14,7 @@ Alembic migrations in <repo>/migrations, configured here in code (no alembic.ini
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sqlite3
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -30,7 +31,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import dreamd
@@ -185,6 +186,13 @@ class UpgradeResult:
 class Database:
     """An open store: engine, transactions, migrations. `Store` (record.py) adds the rows."""
 
+    transient_retries: int = 0
+    """How often a recording call is re-run after a transient error (see retry_transient). 0
+    while starting, so a locked or unreachable store is the user's to fix at once; the loop
+    sets store.connect_retries once the daemon runs."""
+    retry_delay_s: float = 0.5
+    """First backoff delay; doubled after every failed attempt (0.5, 1, 2, 4, 8 s)."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._write = sessionmaker(engine, expire_on_commit=False)
@@ -303,6 +311,53 @@ class Database:
         with closing(sqlite3.connect(src)) as s, closing(sqlite3.connect(dst)) as d:
             s.backup(d)
         return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# transient errors while running
+
+TRANSIENT_ERRORS = (OperationalError, InterfaceError)
+"""SQLite 'database is locked' after busy_timeout, a PostgreSQL connection dropped or refused
+(server restart, pg_terminate_backend): the call can succeed later. IntegrityError and
+ProgrammingError are not transient: they are bugs or data and are raised at once."""
+
+C = TypeVar("C", bound=type)
+
+
+def retry_transient(cls: C) -> C:
+    """Class decorator: every public method defined in `cls` (the recording API, one short
+    transaction per call) is re-run after a TRANSIENT_ERRORS failure, up to
+    `self.transient_retries` times, sleeping retry_delay_s * 2**attempt in between.
+
+    Re-running is safe because a failed call rolled its transaction back. The one ambiguity is
+    a connection lost during COMMIT (PostgreSQL), after which the row may exist: a retried
+    add_train_step then fails on the unique active step, loudly, instead of writing it twice.
+    PostgreSQL connections dropped between calls never get here: pool_pre_ping replaces them."""
+    from dreamd.log import get_logger
+
+    log = get_logger("dreamd.store")
+
+    def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(self: Database, *args: Any, **kwargs: Any) -> Any:
+            attempt = 0
+            while True:
+                try:
+                    return method(self, *args, **kwargs)
+                except TRANSIENT_ERRORS as exc:
+                    if attempt >= self.transient_retries:
+                        raise
+                    delay = self.retry_delay_s * 2**attempt
+                    attempt += 1
+                    log.warning("store.retry", call=name, error=_reason(exc), attempt=attempt,
+                                retries=self.transient_retries, delay_s=delay)
+                    time.sleep(delay)
+        return call
+
+    for name, value in list(vars(cls).items()):
+        if callable(value) and not name.startswith("_") and not isinstance(value, (classmethod, staticmethod)):
+            setattr(cls, name, wrap(name, value))
+    return cls
 
 
 def _json_dumps(value: object) -> str:

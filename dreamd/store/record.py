@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 import dreamd
 from dreamd.dream.scenario import Scenario as DreamScenario
-from dreamd.store.db import Database
+from dreamd.store.db import Database, retry_transient
 from dreamd.store.models import (
     CHECKPOINT_STATUSES,
     CYCLE_STATUSES,
@@ -72,6 +72,7 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} {value!r} is not one of {', '.join(allowed)}")
 
 
+@retry_transient
 class Store(Database):
     """The dreamd store: `Database` (connection, migrations) plus the recording API."""
 
