@@ -19,7 +19,7 @@ from typing import Any
 
 from dreamd.config import Config
 from dreamd.cycle import LoopState, StopRequested, run_cycle
-from dreamd.errors import CycleFailed
+from dreamd.errors import CycleFailed, UsageError
 from dreamd.log import StepProgress, get_logger
 from dreamd.status import write_status
 
@@ -110,7 +110,7 @@ class Daemon:
             self.publish("starting")
             self.control.install()
             try:
-                self.parts, self.state = open_parts(self.cfg)
+                self.parts, self.state = self._open_parts(open_parts)
                 self.parts.on_step = self._on_step
                 self.parts.on_phase = self._on_phase
                 self.parts.should_stop = lambda: self.control.should_stop
@@ -128,6 +128,23 @@ class Daemon:
                 return self._loop(schedule)
             finally:
                 self.control.close()
+
+    def _open_parts(self, open_parts: Any) -> tuple[Any, LoopState]:
+        """open_parts, with a store that fails at start (locked past busy_timeout, connection
+        lost) told in one line; once running, store calls retry with backoff instead."""
+        from dreamd.store.db import TRANSIENT_ERRORS, redact
+
+        try:
+            parts, state = open_parts(self.cfg)
+        except TRANSIENT_ERRORS as exc:
+            reason = " ".join(str(exc.orig or exc).split())
+            hint = (f"another process holds its write lock longer than store.busy_timeout_ms="
+                    f"{self.cfg.store.busy_timeout_ms}; close it (an open sqlite3 shell, a backup) or raise "
+                    "the timeout" if "locked" in reason else "check that the server runs and accepts connections")
+            raise UsageError(f"store {redact(self.cfg.store_url)} failed while starting: {reason}; "
+                             f"{hint}") from None
+        parts.store.transient_retries = self.cfg.store.connect_retries
+        return parts, state
 
     def _loop(self, schedule: Any) -> int:
         parts, cfg = self.parts, self.cfg
