@@ -3,7 +3,8 @@
 forget.code_em        short code questions ("what does `f(9)` return?") answered greedily
                       through the engine; a reply is right when it ends its turn and states
                       the computed answer as a whole token (a random model's noise never ends
-                      its turn, so a stray "3" in it does not count). forgetting.py covers held-out text and arithmetic; this adds code.
+                      its turn, so a stray "3" in it does not count). forgetting.py covers
+                      held-out text and arithmetic; this adds code.
 forget.code_logprob   mean log-prob per token of the probe's target reply: moves smoothly while
                       a small model's exact match is still 0.
 
