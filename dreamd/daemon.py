@@ -178,6 +178,10 @@ class Daemon:
                 parts.store.add_event(parts.run_id, "cycle_failed", str(exc))
                 self._recover_after_failure(exc)
                 continue
+            except Exception as exc:
+                if self.phase != "checkpoint":
+                    raise
+                return self._checkpoint_failed(exc)
             if result.status == "stopped":
                 break
             done += 1
@@ -193,6 +197,27 @@ class Daemon:
         self.publish("stopped")
         log.info("daemon.stopped", reason=stop_reason, cycles=done, step=parts.trainer.step)
         return 0
+
+    def _checkpoint_failed(self, exc: Exception) -> int:
+        """A checkpoint could not be written (disk full, I/O error): checkpoint.py removed its
+        temp dir and never touched the previous checkpoint, and run_cycle marked the cycle
+        failed. Say so in one line and exit 1: systemd restarts the service (Restart=on-failure)
+        and the restart resumes from the previous checkpoint once there is room."""
+        from dreamd.service.checkpoint import read_manifest
+
+        parts = self.parts
+        latest = parts.checkpoints.latest()
+        kept = f"the previous checkpoint {latest.name} is intact" if latest else \
+            "there is no previous checkpoint: a restart begins at model.path"
+        need = f" (a checkpoint takes {read_manifest(latest)['bytes'] / 2**20:.0f} MiB)" if latest else ""
+        line = (f"checkpoint write failed in {parts.checkpoints.root}: {' '.join(str(exc).split())}; "
+                f"{kept}; free disk space{need} and restart")
+        parts.store.add_event(parts.run_id, "error", line)
+        log.error("checkpoint.failed", error=line)
+        self.notifier.stopping(status="stopping: checkpoint write failed")
+        parts.store.set_run_status(parts.run_id, "stopped")
+        self.publish("stopped")
+        return 1
 
     def _recover_after_failure(self, exc: CycleFailed) -> None:
         """A failed cycle (non-finite losses, dream budget exhausted, canary mismatch): go back to
