@@ -21,6 +21,7 @@ from dreamd.engines.hf import TransformersEngine, encode_chat
 from dreamd.evals.behaviour import (
     CODE,
     MARKERS,
+    batches,
     behaviour_metrics,
     classify,
     encode_reply,
@@ -144,7 +145,7 @@ def test_scores_match_the_engines_prompt_logprobs(tokenizer, probes, arch: str) 
     model = tiny_model(arch, tokenizer=tokenizer)
     engine = TransformersEngine(model, tokenizer)
     items = [encode_reply(tokenizer, p, p.preferred) for p in probes.family("pushback")]
-    scored = score_replies(model, tokenizer, items, with_states=True, batch=4)  # right-padded batches
+    scored = score_replies(model, tokenizer, items, with_states=True)  # one right-padded batch
     reference = engine.prompt_logprobs([ids for ids, _ in items])               # one sequence each
     for (ids, ctx), s, ref in zip(items, scored, reference):
         assert s.logprobs == pytest.approx(ref[ctx - 1:], abs=1e-4)
@@ -232,3 +233,15 @@ def test_calibration_and_code_answers(tokenizer, probes) -> None:  # noqa: F811
     assert code_answer_metrics(model, tokenizer, unfinished, code, seed=0)[0]["forget.code_em"] == 0.0
     assert states_answer("It returns `12`.", "12") and not states_answer("It returns 121.", "12")
     assert not states_answer("version v12", "12")
+
+
+def test_batches_keep_rows_and_padded_tokens_bounded() -> None:
+    assert batches([]) == []
+    assert batches([10] * 5, rows=2, tokens=100) == [range(0, 2), range(2, 4), range(4, 5)]
+    got = batches([10, 10, 60, 10], rows=16, tokens=100)
+    assert [list(r) for r in got] == [[0, 1], [2], [3]]  # 3 x 60 > 100: the 60 starts a batch of its own
+    assert batches([500], rows=16, tokens=100) == [range(0, 1)]  # one over-long sequence still runs
+    lengths = [7, 300, 40, 40, 1200, 3, 3, 3]
+    for r in batches(lengths, rows=3, tokens=1024):
+        assert len(r) <= 3 and (len(r) == 1 or len(r) * max(lengths[i] for i in r) <= 1024)
+    assert [i for r in batches(lengths, rows=3, tokens=1024) for i in r] == list(range(len(lengths)))
