@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import sqlite3
 import time
@@ -362,7 +363,22 @@ def retry_transient(cls: C) -> C:
 
 def _json_dumps(value: object) -> str:
     # Readable in a sqlite3 shell (no \uXXXX escapes); Paths and the like become strings.
-    return json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError:
+        # NaN/Infinity are not JSON: PostgreSQL's json type refuses them (a diverged model's
+        # metrics in decisions.metrics_json or evals.detail_json). Keep them as text.
+        return json.dumps(_finite_json(value), ensure_ascii=False, default=str, allow_nan=False)
+
+
+def _finite_json(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)                            # 'nan', 'inf', '-inf'
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _reason(exc: DBAPIError) -> str:

@@ -17,6 +17,7 @@ transactions that never wait for the writer.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -285,14 +286,23 @@ class Store(Database):
     def add_evals(self, run_id: int, cycle_id: int | None, values: Mapping[str, float],
                   details: Mapping[str, Any] | None = None) -> None:
         """One row per metric. cycle_id None: the run's baseline before its first cycle.
-        `details` maps a metric to JSON-able detail (per-family numbers, head ranks, ...)."""
+        `details` maps a metric to JSON-able detail (per-family numbers, head ranks, ...).
+
+        A NaN or infinite value (a diverged model) gets no evals row: SQLite stores NaN as
+        NULL, which evals.value refuses, so the cycle died on IntegrityError. Such metrics are
+        listed, with their values as text, in one events row 'nonfinite_metrics' instead."""
         details = details or {}
         orphans = sorted(set(details) - set(values))
         if orphans:
             raise ValueError(f"details for metrics without a value: {orphans}")
+        finite = {m: float(v) for m, v in values.items() if math.isfinite(float(v))}
+        nonfinite = {m: str(float(v)) for m, v in values.items() if m not in finite}
         with self.session() as s:
-            s.add_all(Eval(run_id=run_id, cycle_id=cycle_id, metric=metric, value=float(value),
-                           detail_json=details.get(metric)) for metric, value in values.items())
+            s.add_all(Eval(run_id=run_id, cycle_id=cycle_id, metric=metric, value=value,
+                           detail_json=details.get(metric)) for metric, value in finite.items())
+            if nonfinite:
+                s.add(Event(run_id=run_id, kind="nonfinite_metrics",
+                            detail=json.dumps({"cycle_id": cycle_id, "metrics": nonfinite})))
 
     def add_decision(self, run_id: int, cycle_id: int | None, action: str, reason: str,
                      before: Mapping[str, Any], after: Mapping[str, Any],
