@@ -126,20 +126,30 @@ def print_status(cfg: Config, as_json: bool = False) -> int:
 
     daemon = daemon_status(cfg.run.state_dir)
     live = read_status(cfg.run.state_dir) if daemon.running else None
+    if live and live.get("pid") not in (None, daemon.pid):
+        live = None                    # left by an earlier process; this one has not written yet
     out: dict[str, Any] = {"daemon": "running" if daemon.running else "not running",
-                           "pid": daemon.pid if daemon.running else None,
-                           "paused": daemon.paused}
+                           "pid": daemon.pid if daemon.running else None}
     if live:
         out.update(live)
+    run_paused = False
     try:
         store = _open_store(cfg)
         run = _latest_run(store, cfg.run.name)
         if run is not None:
             last = store.last_committed_cycle(run.id)
-            out.update(run_id=run.id, run_status=run.status, paused=bool(run.paused) or daemon.paused,
+            run_paused = bool(run.paused)
+            out.update(run_id=run.id, run_status=run.status,
                        last_committed_cycle=last.number if last else None)
     except Exception as exc:  # status must answer even when the store cannot
         out["store"] = f"unreadable: {exc}"
+    # A live daemon's applied state wins; without one, the flag file (or runs.paused, which
+    # also pauses a start) says how the next start comes up.
+    flag = daemon.paused
+    out["paused"] = bool(live["paused"]) if live else (flag is not None or run_paused)
+    out["paused_by"] = ({"source": flag.source, "at": flag.paused_at} if flag is not None
+                        else {"source": "store (runs.paused)", "at": None} if out["paused"] else None)
+    out["why_not_running"] = why_not_running(out, live)
     if as_json:
         print(json.dumps(out, default=str, indent=1))
     else:
@@ -147,3 +157,25 @@ def print_status(cfg: Config, as_json: bool = False) -> int:
             print(f"{k:>22}: {v}")
     sys.stdout.flush()
     return 0
+
+
+def why_not_running(out: dict[str, Any], live: dict[str, Any] | None) -> str | None:
+    """Why no cycle is running now, in words; None while one runs."""
+    paused = ""
+    if out["paused"]:
+        by = out["paused_by"]
+        paused = f"paused by {by['source']}" + (f" at {by['at']}" if by["at"] else "") + \
+            "; `dreamd resume` lets cycles run again"
+    if out["daemon"] != "running":
+        head = "no daemon running (start it: `dreamd run` or `systemctl start dreamd`)"
+        return f"{head}; the next start comes up {paused}" if paused else head
+    if paused:
+        return paused
+    phase = (live or {}).get("phase")
+    if phase == "waiting":
+        return (live or {}).get("block_reason") or "waiting for the schedule"
+    if phase in (None, "starting", "ready"):
+        return "starting: store migrations, model load, resume"
+    if phase == "stopped":
+        return "stopping"
+    return None
