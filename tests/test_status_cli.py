@@ -1,0 +1,87 @@
+"""`dreamd status` and `dreamd history` against a real store and a real daemon: phase, cycle,
+step, paused or not, the next scheduled cycle and why no cycle runs now; the schedule's grid
+stays anchored at the last cycle start across a restart."""
+
+from __future__ import annotations
+
+import json
+import signal
+from datetime import datetime, timedelta
+
+from tests.daemon_process import (DaemonProcess, cli, cli_status, daemons, setup_dir, sqlite_url,
+                                  store_rows, write_config)
+
+__all__ = ["daemons", "setup_dir"]
+
+
+def test_status_and_history_before_any_run(setup_dir, tmp_path):
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", tmp_path / "state")
+    status = cli_status(config)
+    assert status["daemon"] == "not running" and status["pid"] is None and status["paused"] is False
+    assert "no daemon" in status["why_not_running"]
+    done = cli(config, "history")
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "no dreamd schema yet" in err[0] and "dreamd run" in err[0]
+
+
+def test_status_while_waiting_for_the_schedule_and_after_a_restart(setup_dir, tmp_path, daemons):
+    """every_minutes=60: the first cycle runs at start, then the daemon waits for the slot an
+    hour after that cycle's start, and says so. A restart keeps the grid (no extra cycle)."""
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state, schedule__every_minutes=60,
+                          schedule__timezone="UTC")
+    url = sqlite_url(state)
+    d = DaemonProcess(config, state, tmp_path / "a.log", args=()).start()
+    daemons.append(d)
+    d.wait_status(lambda s: s["phase"] == "waiting", 120, "waiting for the next slot")
+    started = store_rows(url, "SELECT started_at FROM cycles WHERE status = 'committed'")
+    assert len(started) == 1
+    first_start = datetime.fromisoformat(str(started[0]["started_at"]))
+
+    status = cli_status(config)
+    assert status["daemon"] == "running" and status["pid"] == d.pid
+    assert status["phase"] == "waiting" and status["paused"] is False
+    assert status["cycle"] == 2 and status["step"] == 1 and status["last_committed_cycle"] == 1
+    next_at = datetime.fromisoformat(status["next_cycle_at"])
+    assert abs((next_at.replace(tzinfo=None) - first_start) - timedelta(minutes=60)) < timedelta(seconds=2)
+    assert status["why_not_running"].startswith("next slot") and "every 60 min" in status["why_not_running"]
+    text = cli(config, "status").stdout
+    assert "waiting" in text and "next slot" in text
+
+    d.send(signal.SIGTERM)
+    assert d.wait() == 0
+    d2 = DaemonProcess(config, state, tmp_path / "b.log", args=()).start()
+    daemons.append(d2)
+    st = d2.wait_status(lambda s: s["phase"] == "waiting", 120, "waiting again after the restart")
+    # The grid did not move (the anchor is now the cycle row's started_at, written ~ms after
+    # the running process's own clock reading).
+    assert abs(datetime.fromisoformat(st["next_cycle_at"]) - next_at) < timedelta(seconds=1)
+    assert len(store_rows(url, "SELECT id FROM cycles")) == 1        # no cycle at the restart
+    d2.send(signal.SIGTERM)
+    assert d2.wait() == 0
+
+    history = json.loads(cli(config, "history", "--json").stdout)
+    assert [(r["number"], r["status"], r["steps"]) for r in history] == [(1, "committed", 2)]
+    table = cli(config, "history").stdout.splitlines()
+    assert "cycle" in table[1] and "committed" in table[3]
+    assert cli_status(config)["why_not_running"].startswith("no daemon")
+
+
+def test_status_names_who_paused(setup_dir, tmp_path, daemons):
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state)
+    d = DaemonProcess(config, state, tmp_path / "a.log").start()
+    daemons.append(d)
+    d.wait_ready()
+    assert cli(config, "pause").returncode == 0
+    d.wait_status(lambda s: s["paused"], 60, "paused")
+    status = cli_status(config)
+    assert status["paused"] is True and status["phase"] == "paused"
+    assert status["paused_by"]["source"] == "SIGUSR1"
+    assert status["why_not_running"].startswith("paused by SIGUSR1")
+    d.send(signal.SIGTERM)
+    assert d.wait() == 0
+    status = cli_status(config)
+    assert status["daemon"] == "not running" and status["paused"] is True
+    assert "paused by SIGUSR1" in status["why_not_running"]
