@@ -5,6 +5,9 @@
         step boundary (pause blocks here, watchdog fed) -> reload on SIGHUP
         schedule says run?  no -> sleep until the next decision (any signal wakes us)
                             yes -> run_cycle (pause/stop honoured at every optimizer step)
+        cycle failed (NaN losses, ...) -> back to the last checkpoint; 3 in a row -> pause
+        controller halt -> back to the last checkpoint, pause
+        checkpoint write failed (disk full) -> one error line, exit 1 (systemd restarts us)
     STOPPING=1 -> run row 'stopped' (or 'finished' after run.cycles) -> exit 0
 
 WATCHDOG=1 is sent only from places that prove the loop moves: step boundaries, the schedule
@@ -18,12 +21,18 @@ from datetime import datetime, timezone
 from typing import Any
 
 from dreamd.config import Config
+from dreamd.controller import ControllerHalt
 from dreamd.cycle import LoopState, StopRequested, run_cycle
 from dreamd.errors import CycleFailed, UsageError
 from dreamd.log import StepProgress, get_logger
 from dreamd.status import write_status
 
 log = get_logger("dreamd.daemon")
+
+# Failed cycles in a row (CycleFailed: non-finite losses, dream budget, canary) after which the
+# daemon pauses itself instead of retrying: each attempt costs a full dream + train, and a cause
+# that survives two rollbacks to the last good checkpoint is not transient.
+MAX_FAILED_CYCLES_IN_A_ROW = 3
 
 
 class Daemon:
@@ -149,7 +158,8 @@ class Daemon:
     def _loop(self, schedule: Any) -> int:
         parts, cfg = self.parts, self.cfg
         done = 0
-        finished = False
+        failed_in_a_row = 0
+        finished = failed = False
         while True:
             self.control.step_boundary(heartbeat=self.heartbeat, heartbeat_every=self.pause_tick_s)
             if self.control.should_stop:
@@ -174,9 +184,28 @@ class Daemon:
                 result = run_cycle(parts, self.state)
             except StopRequested:
                 break
+            except ControllerHalt as exc:
+                # The controller gave up (rollbacks in a row): back to the last good checkpoint,
+                # then pause so a person looks; the pause survives restarts.
+                parts.store.add_event(parts.run_id, "halt", str(exc))
+                self._recover_after_failure(exc)
+                self.control.request_pause("controller halt")
+                if self.once:
+                    failed = True
+                    break
+                continue
             except CycleFailed as exc:
                 parts.store.add_event(parts.run_id, "cycle_failed", str(exc))
                 self._recover_after_failure(exc)
+                failed_in_a_row += 1
+                if self.once:
+                    failed = True
+                    break
+                if failed_in_a_row >= MAX_FAILED_CYCLES_IN_A_ROW:
+                    # Not transient (a NaN weight, a broken engine): retrying burns a dream+train
+                    # per attempt and fills the store with failed cycles. Pause for a person.
+                    self.control.request_pause(f"{failed_in_a_row} failed cycles in a row")
+                    failed_in_a_row = 0
                 continue
             except Exception as exc:
                 if self.phase != "checkpoint":
@@ -184,7 +213,15 @@ class Daemon:
                 return self._checkpoint_failed(exc)
             if result.status == "stopped":
                 break
+            if result.status == "rolled_back":
+                # The controller undid the cycle (weights are back at the last checkpoint); it
+                # does not count towards run.cycles, and the retry runs with its new settings.
+                self.publish("rolled_back")
+                if self.once:
+                    break
+                continue
             done += 1
+            failed_in_a_row = 0
             self.publish("committed")
             if self.once or (cfg.run.cycles and done >= cfg.run.cycles):
                 finished = not self.once
@@ -196,7 +233,7 @@ class Daemon:
         parts.store.set_run_status(parts.run_id, "finished" if finished else "stopped")
         self.publish("stopped")
         log.info("daemon.stopped", reason=stop_reason, cycles=done, step=parts.trainer.step)
-        return 0
+        return 1 if failed else 0
 
     def _checkpoint_failed(self, exc: Exception) -> int:
         """A checkpoint could not be written (disk full, I/O error): checkpoint.py removed its
