@@ -172,7 +172,7 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
 
     parts.probes = ProbeSuite.open(store, run_id, cfg.run.state_dir, TemplateDreamer(spec=cfg.spec_text))
     parts.dreamer = HeldOutDreamer(dreamer)
-    screener.add_rule("probe", screen_rule(parts.probes.probes), before=screener.rules[0][0])
+    screener.add_rule("probe", screen_rule(parts.probes.probe_set), before=screener.rules[0][0])
     if latest is None and not start_metrics(store, run_id):
         with parts.phase(None, "evaluate"):
             metrics, details = parts.evaluate()

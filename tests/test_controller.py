@@ -196,4 +196,21 @@ def test_rollback_and_halt_in_real_cycles(tmp_path: Path) -> None:
     restored = rollback_to_latest(parts, state, reason="test: recover after the halt")
     assert run_cycle(parts, restored).status == "committed"
     assert [r["status"] for r in store.cycle_summary(parts.run_id)][-1] == "committed"
+    probe_ids = [p.scenario_id for p in parts.probes.probe_set.probes]
+    baseline_file = parts.probes.dir / "attention_baseline.pt"
+    stamp = baseline_file.stat().st_mtime_ns
+    baseline = start_metrics(store, parts.run_id)
     store.close()
+
+    # A restart resumes the run: the same probes, the same baseline (not measured again).
+    again, _ = open_parts(cfg)
+    assert again.run_id == parts.run_id and [p.scenario_id for p in again.probes.probe_set.probes] == probe_ids
+    assert again.probes.has_baseline and baseline_file.stat().st_mtime_ns == stamp
+    assert start_metrics(again.store, again.run_id) == baseline
+    with again.store.read() as s:
+        from sqlalchemy import func, select
+
+        from dreamd.store.models import Eval
+        n_baseline = s.scalar(select(func.count()).select_from(Eval).where(Eval.cycle_id.is_(None)))
+    assert n_baseline == len(baseline)
+    again.store.close()

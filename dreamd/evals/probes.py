@@ -417,7 +417,7 @@ class ProbeSuite:
     kept under <state_dir>/probes/run-<id>/ so "now vs start" survives a restart."""
 
     def __init__(self, probes: ProbeSet, baseline_dir: Path) -> None:
-        self.probes = probes
+        self.probe_set = probes
         self.dir = Path(baseline_dir)
 
     @classmethod
@@ -451,7 +451,7 @@ class ProbeSuite:
             seconds[name] = round(time.perf_counter() - t0, 3)
 
         first = not self.has_baseline
-        attention_probes = self.probes.attention
+        attention_probes = self.probe_set.attention
         t0 = time.perf_counter()
         if first:
             save_baseline(self.dir / ATTENTION_BASELINE, attention_maps(model, tokenizer, attention_probes))
@@ -459,18 +459,18 @@ class ProbeSuite:
                                                 load_baseline(self.dir / ATTENTION_BASELINE)))
         t0 = time.perf_counter()
         labels = None if first else json.loads((self.dir / Q1_BASELINE).read_text())
-        behaviour = behaviour_metrics(model, tokenizer, engine, self.probes, seed, labels)
+        behaviour = behaviour_metrics(model, tokenizer, engine, self.probe_set, seed, labels)
         if first:
             (self.dir / Q1_BASELINE).write_text(json.dumps(behaviour.labels))
         part("behaviour", t0, (behaviour.metrics, behaviour.details))
         t0 = time.perf_counter()
-        part("steering", t0, steering_metrics(model, tokenizer, self.probes, behaviour))
+        part("steering", t0, steering_metrics(model, tokenizer, self.probe_set, behaviour))
         t0 = time.perf_counter()
-        part("calibration", t0, calibration_metrics(model, tokenizer, self.probes.family("verifiable")))
+        part("calibration", t0, calibration_metrics(model, tokenizer, self.probe_set.family("verifiable")))
         t0 = time.perf_counter()
-        part("code", t0, code_answer_metrics(model, tokenizer, engine, self.probes.family("code"), seed))
+        part("code", t0, code_answer_metrics(model, tokenizer, engine, self.probe_set.family("code"), seed))
         if store is not None and run_id is not None and cycle_id is not None:
-            check = check_disjoint(store, run_id, cycle_id, self.probes)
+            check = check_disjoint(store, run_id, cycle_id, self.probe_set)
             metrics["probes.overlap"] = float(len(check.overlaps))
             metrics["probes.heldout_trained"] = float(len(check.heldout))
             details["probes.overlap"] = {"checked": check.checked, "overlaps": check.overlaps[:50],
