@@ -168,11 +168,10 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     # screening rule, and measured before the first cycle (the baseline, evals.cycle_id NULL) ----
     from dreamd.controller import start_metrics
     from dreamd.dream.templates import TemplateDreamer
-    from dreamd.evals.probes import HeldOutDreamer, ProbeSuite, screen_rule
+    from dreamd.evals.probes import ProbeSuite
 
     parts.probes = ProbeSuite.open(store, run_id, cfg.run.state_dir, TemplateDreamer(spec=cfg.spec_text))
-    parts.dreamer = HeldOutDreamer(dreamer)
-    screener.add_rule("probe", screen_rule(parts.probes.probe_set), before=screener.rules[0][0])
+    parts.dreamer = parts.probes.hold_out(dreamer, screener)
     if latest is None and not start_metrics(store, run_id):
         with parts.phase(None, "evaluate"):
             metrics, details = parts.evaluate()

@@ -213,3 +213,15 @@ def test_held_out_dreamer_redraws_template_draws_only() -> None:
 
     # a model-written scenario is never dropped: screening rejects it, with the reason stored
     assert HeldOutDreamer(ModelWriter()).dream("accept", rng).meta["domain"] == "units"
+
+
+def test_hold_out_is_added_once(tmp_path: Path, probes) -> None:
+    from dreamd.evals.probes import ProbeSuite
+
+    suite = ProbeSuite(probes, tmp_path)
+    screener = Screener()
+    dreamer = suite.hold_out(DREAMER, screener)
+    assert isinstance(dreamer, HeldOutDreamer) and screener.rules[0][0] == "probe"
+    # again (a reload that kept them): no second rule, no second wrapper
+    assert suite.hold_out(dreamer, screener) is dreamer
+    assert [n for n, _ in screener.rules].count("probe") == 1

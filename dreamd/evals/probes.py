@@ -425,6 +425,14 @@ class ProbeSuite:
              sizes: ProbeSizes = ProbeSizes()) -> ProbeSuite:
         return cls(open_probes(store, run_id, dreamer, sizes), Path(state_dir) / "probes" / f"run-{run_id}")
 
+    def hold_out(self, dreamer: Any, screener: Any) -> Any:
+        """Keep the probes out of training: add the 'probe' screening rule (first, it is cheap)
+        to `screener` and return `dreamer` wrapped in HeldOutDreamer. Call it wherever the
+        dreamer and screener are (re)built: at run start and after a reload rebuilds them."""
+        if "probe" not in [name for name, _ in screener.rules]:
+            screener.add_rule("probe", screen_rule(self.probe_set), before=screener.rules[0][0])
+        return dreamer if isinstance(dreamer, HeldOutDreamer) else HeldOutDreamer(dreamer)
+
     @property
     def has_baseline(self) -> bool:
         return (self.dir / ATTENTION_BASELINE).is_file() and (self.dir / Q1_BASELINE).is_file()
