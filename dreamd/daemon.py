@@ -290,6 +290,9 @@ class Daemon:
             parts = self.parts
             parts.dreamer, parts.screener = open_dreaming(self.cfg, parts.store, parts.run_id,
                                                           parts.engine, parts.model.config)
+            if parts.probes is not None:
+                # The new dreamer and screener must keep the probes' domains out of training.
+                parts.dreamer = parts.probes.hold_out(parts.dreamer, parts.screener)
         self.notifier.ready(status="reloaded")
         return schedule.with_config(self.cfg.schedule)
 
