@@ -287,9 +287,14 @@ class Daemon:
         if any(name.startswith("screen.") for name in result.applied):
             from dreamd.dream.routing import open_dreaming
 
+            # Built as loop.open_parts builds them: the probes' screening rule and held-out
+            # dreamer too, or the cycle trains on probe material (the guardrail rolls it back).
             parts = self.parts
-            parts.dreamer, parts.screener = open_dreaming(self.cfg, parts.store, parts.run_id,
-                                                          parts.engine, parts.model.config)
+            dreamer, screener = open_dreaming(self.cfg, parts.store, parts.run_id, parts.engine,
+                                              parts.model.config)
+            if parts.probes is not None:
+                dreamer = parts.probes.hold_out(dreamer, screener)
+            parts.dreamer, parts.screener = dreamer, screener
             if parts.probes is not None:
                 # The new dreamer and screener must keep the probes' domains out of training.
                 parts.dreamer = parts.probes.hold_out(parts.dreamer, parts.screener)
