@@ -278,7 +278,7 @@ def roll_back(parts: Any, state: Any, cycle_id: int, decision: Decision) -> None
     if decision.halt:
         raise ControllerHalt(f"controller: {decision.reason}")
     parts.store.finish_cycle(cycle_id, "rolled_back", error=f"controller: {decision.reason}")
-    restored = rollback_to_latest(parts, state, reason=f"controller: {decision.reason}")
+    restored = rollback_to_latest(parts, state, reason=f"controller: {decision.reason}", record=False)
     for name in LoopState.__dataclass_fields__:
         setattr(state, name, getattr(restored, name))
     apply(state, decision)

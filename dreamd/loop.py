@@ -221,7 +221,7 @@ def replace_path(cfg: Config, path: Path):
     return cfg.model.model_copy(update={"path": path})
 
 
-def rollback_to_latest(parts: Parts, state: LoopState, reason: str) -> LoopState:
+def rollback_to_latest(parts: Parts, state: LoopState, reason: str, *, record: bool = True) -> LoopState:
     """Restore weights, optimizer and loop state from the newest complete checkpoint (the last
     good cycle), supersede everything after it, and record the rollback. Without a checkpoint
     the run's starting weights (model.path) are the last good state."""
@@ -257,8 +257,9 @@ def rollback_to_latest(parts: Parts, state: LoopState, reason: str) -> LoopState
     parts.store.supersede_after(parts.run_id, parts.trainer.step - 1)
     after = {"lr": restored.lr, "general_share": restored.general_share,
              "examples_per_cycle": restored.examples_per_cycle, "step": parts.trainer.step}
-    parts.store.add_decision(parts.run_id, None, "rollback", reason, before, after,
-                             {"checkpoint": latest.name if latest else None})
+    if record:  # the controller records its own rollback decision, with the metrics behind it
+        parts.store.add_decision(parts.run_id, None, "rollback", reason, before, after,
+                                 {"checkpoint": latest.name if latest else None})
     return restored
 
 

@@ -9,10 +9,10 @@ that says why and what to do instead, and the running config keeps its old value
     train.lr_min, train.lr_max      the controller's lr bounds (it clamps the live lr into them)
     train.max_nonfinite_steps       threshold: NaN/inf steps before a rollback
     engine.canary_atol              threshold: tolerance of the post-push canary
+    controller.*                    the controller's thresholds, steps and bounds (next decision)
 
 Everything else shapes the run itself (model, store, engine, optimizer state, probes, the
 behaviour spec) and changing it mid-run would make the history incomparable or resume inexact.
-A controller section with its thresholds belongs in LIVE_FIELDS once it exists.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dreamd.errors import UsageError
 
 LIVE_FIELDS: tuple[str, ...] = (
     "schedule.*",
+    "controller.*",
     "mix.*",
     "screen.*",
     "train.lr_min",
