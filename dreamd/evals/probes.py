@@ -430,7 +430,8 @@ class ProbeSuite:
         to `screener` and return `dreamer` wrapped in HeldOutDreamer. Call it wherever the
         dreamer and screener are (re)built: at run start and after a reload rebuilds them."""
         if "probe" not in [name for name, _ in screener.rules]:
-            screener.add_rule("probe", screen_rule(self.probe_set), before=screener.rules[0][0])
+            # After parse/format (garbage is rejected as garbage), before the kind checks.
+            screener.add_rule("probe", screen_rule(self.probe_set), before="kind")
         return dreamer if isinstance(dreamer, HeldOutDreamer) else HeldOutDreamer(dreamer)
 
     @property
