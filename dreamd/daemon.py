@@ -295,9 +295,6 @@ class Daemon:
             if parts.probes is not None:
                 dreamer = parts.probes.hold_out(dreamer, screener)
             parts.dreamer, parts.screener = dreamer, screener
-            if parts.probes is not None:
-                # The new dreamer and screener must keep the probes' domains out of training.
-                parts.dreamer = parts.probes.hold_out(parts.dreamer, parts.screener)
         self.notifier.ready(status="reloaded")
         return schedule.with_config(self.cfg.schedule)
 
