@@ -78,7 +78,8 @@ def cli(config: Path, *args: str, env: dict[str, str] | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`python -m dreamd <args> --config <config>`; output captured as text."""
     cmd = [sys.executable, "-m", "dreamd", args[0], "--config", str(config), *args[1:]]
-    return subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def cli_status(config: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ to it only the way an operator would: the CLI, signals, the status file, the sto
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import subprocess
@@ -15,8 +16,19 @@ import time
 import pytest
 
 from dreamd.store.db import head_revision
-from tests.daemon_process import (DaemonProcess, NotifySocket, child_env, cli, cli_status, daemons,
-                                  setup_dir, sqlite_url, store_rows, wait_until, write_config)
+from tests.daemon_process import (
+    DaemonProcess,
+    NotifySocket,
+    child_env,
+    cli,
+    cli_status,
+    daemons,
+    setup_dir,
+    sqlite_url,
+    store_rows,
+    wait_until,
+    write_config,
+)
 
 __all__ = ["daemons", "setup_dir"]  # fixtures used below
 
@@ -37,6 +49,7 @@ def notify() -> NotifySocket:
     sock.close()
 
 
+@pytest.mark.slow
 def test_pause_resume_stop_through_the_cli_with_sd_notify(setup_dir, tmp_path, daemons, notify):
     state = tmp_path / "state"
     config = write_config(setup_dir, tmp_path / "dreamd.toml", state, mix__examples_per_cycle=16)
@@ -63,7 +76,7 @@ def test_pause_resume_stop_through_the_cli_with_sd_notify(setup_dir, tmp_path, d
     assert max_step(url) == frozen, "a step ran while paused"
     # WatchdogSec 2 s: while paused the loop pings every 0.5 s (WatchdogSec / 4).
     pings = [t for t, f in notify.drain() if "WATCHDOG" in f and t >= paused_at]
-    assert len(pings) >= 3 and max(b - a for a, b in zip(pings, pings[1:])) < 1.5, pings
+    assert len(pings) >= 3 and max(b - a for a, b in itertools.pairwise(pings)) < 1.5, pings
     assert any(v.endswith("paused") for v in notify.values("STATUS"))
 
     status = cli_status(config)
@@ -90,6 +103,7 @@ def test_pause_resume_stop_through_the_cli_with_sd_notify(setup_dir, tmp_path, d
     assert not (state / "dreamd.pid").exists()
 
 
+@pytest.mark.slow
 def test_pause_survives_a_restart_and_shows_in_status(setup_dir, tmp_path, daemons):
     state = tmp_path / "state"
     config = write_config(setup_dir, tmp_path / "dreamd.toml", state)
@@ -123,6 +137,7 @@ def test_pause_survives_a_restart_and_shows_in_status(setup_dir, tmp_path, daemo
     assert "SIGINT" in events(url, "stop")[-1]["detail"]
 
 
+@pytest.mark.slow
 def test_pause_and_resume_without_a_daemon_decide_the_next_start(setup_dir, tmp_path, daemons):
     state = tmp_path / "state"
     config = write_config(setup_dir, tmp_path / "dreamd.toml", state)
@@ -146,12 +161,14 @@ def test_pause_and_resume_without_a_daemon_decide_the_next_start(setup_dir, tmp_
     assert max_step(url) == 1
 
 
+@pytest.mark.slow
 def test_store_pause_without_the_flag_file_pauses_at_start(setup_dir, tmp_path, daemons):
     """runs.paused set (another state dir on a shared store paused the run): a daemon whose
     own state dir has no flag file still comes up paused."""
     shared = f"sqlite:///{tmp_path / 'shared' / 'dreamd.sqlite'}"
     first = write_config(setup_dir, tmp_path / "a.toml", tmp_path / "state-a", store__url=shared)
-    d = DaemonProcess(first, tmp_path / "state-a", tmp_path / "a.log", args=("--now", "--cycles", "1")).start()
+    d = DaemonProcess(first, tmp_path / "state-a", tmp_path / "a.log",
+                      args=("--now", "--cycles", "1")).start()
     daemons.append(d)
     assert d.wait() == 0, d.log_tail()
     assert cli(first, "pause").returncode == 0               # no daemon: flag file in state-a only
@@ -172,6 +189,7 @@ def test_store_pause_without_the_flag_file_pauses_at_start(setup_dir, tmp_path, 
     assert d2.wait() == 0
 
 
+@pytest.mark.slow
 def test_sighup_applies_live_fields_at_the_next_cycle_and_refuses_the_rest(setup_dir, tmp_path,
                                                                           daemons, notify):
     state = tmp_path / "state"
@@ -189,7 +207,7 @@ def test_sighup_applies_live_fields_at_the_next_cycle_and_refuses_the_rest(setup
                  optimizer__rank=8, screen__extra_honesty_patterns=[r"(?i)\bpython\b"])
     d.send(signal.SIGHUP)
     # Two rows: the request as the signal arrived, then what the reload did with each field.
-    applied = lambda: [e for e in events(url, "reload") if "applied" in e["detail"]]  # noqa: E731
+    applied = lambda: [e for e in events(url, "reload") if "applied" in e["detail"]]
     reload = wait_until(applied, 30, "the reload summary events row")[-1]["detail"]
     assert "reload requested by SIGHUP" in events(url, "reload")[0]["detail"]
     assert "applied mix.examples_per_cycle: 8 -> 12" in reload
@@ -207,7 +225,7 @@ def test_sighup_applies_live_fields_at_the_next_cycle_and_refuses_the_rest(setup
     assert after[0]["n_examples"] == 12 and after[0]["lr"] == pytest.approx(1e-3)  # lr unchanged
     # ~13% of targets say "python": within a few cycles the new pattern rejects one, and no
     # cycle before the reload rejected anything for it.
-    honesty = f"SELECT s.id FROM scenarios s WHERE s.reject_reason LIKE 'honesty:%python%' AND s.cycle_id "
+    honesty = "SELECT s.id FROM scenarios s WHERE s.reject_reason LIKE 'honesty:%python%' AND s.cycle_id "
     wait_until(lambda: store_rows(url, honesty + f"IN ({after_reload})", i=reload_id), 60,
                "a scenario rejected by the reloaded screening pattern")
     assert not store_rows(url, honesty + f"NOT IN ({after_reload})", i=reload_id)
@@ -229,6 +247,7 @@ def test_second_daemon_on_one_state_dir_is_refused_in_one_line(setup_dir, tmp_pa
     assert d.wait() == 0
 
 
+@pytest.mark.slow
 def test_pause_signal_reaches_only_the_main_pid(setup_dir, tmp_path, daemons):
     """`dreamd pause|resume` signal the pid in the pidfile, never its process group: a process
     sharing the daemon's group (as vLLM's workers would) survives SIGUSR1, whose default action

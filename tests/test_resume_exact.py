@@ -14,11 +14,19 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
 import torch
 
 from dreamd.service.checkpoint import latest_complete, load_checkpoint, load_model_state_dict
-from tests.daemon_process import (DaemonProcess, daemons, setup_dir, sqlite_url, store_rows,
-                                  wait_until, write_config)
+from tests.daemon_process import (
+    DaemonProcess,
+    daemons,
+    setup_dir,
+    sqlite_url,
+    store_rows,
+    wait_until,
+    write_config,
+)
 
 __all__ = ["daemons", "setup_dir"]
 
@@ -31,7 +39,8 @@ STEPS_PER_CYCLE = 6
 STEP_SQL = ("SELECT t.step, t.loss, t.grad_norm, t.lr, t.tokens, t.skipped, c.number AS cycle "
             "FROM train_steps t JOIN cycles c ON c.id = t.cycle_id WHERE t.status = 'active' ORDER BY t.step")
 TRAINED_SQL = ("SELECT t.step, s.content_hash FROM train_steps t JOIN step_examples e ON e.step_id = t.id "
-               "JOIN scenarios s ON s.id = e.scenario_id WHERE t.status = 'active' ORDER BY t.step, s.content_hash")
+               "JOIN scenarios s ON s.id = e.scenario_id WHERE t.status = 'active' "
+               "ORDER BY t.step, s.content_hash")
 
 
 def final_checkpoint(state):
@@ -40,6 +49,7 @@ def final_checkpoint(state):
     return path
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_straight_run_bit_for_bit(setup_dir, tmp_path, daemons):
     # ---- A: two cycles straight ------------------------------------------------------------
     state_a = tmp_path / "a"

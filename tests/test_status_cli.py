@@ -8,8 +8,18 @@ import json
 import signal
 from datetime import datetime, timedelta
 
-from tests.daemon_process import (DaemonProcess, cli, cli_status, daemons, setup_dir, sqlite_url,
-                                  store_rows, write_config)
+import pytest
+
+from tests.daemon_process import (
+    DaemonProcess,
+    cli,
+    cli_status,
+    daemons,
+    setup_dir,
+    sqlite_url,
+    store_rows,
+    write_config,
+)
 
 __all__ = ["daemons", "setup_dir"]
 
@@ -25,6 +35,7 @@ def test_status_and_history_before_any_run(setup_dir, tmp_path):
     assert len(err) == 1 and "no dreamd schema yet" in err[0] and "dreamd run" in err[0]
 
 
+@pytest.mark.slow
 def test_status_while_waiting_for_the_schedule_and_after_a_restart(setup_dir, tmp_path, daemons):
     """every_minutes=60: the first cycle runs at start, then the daemon waits for the slot an
     hour after that cycle's start, and says so. A restart keeps the grid (no extra cycle)."""
