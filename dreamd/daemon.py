@@ -285,16 +285,7 @@ class Daemon:
         # with the dreamer that feeds its near-duplicate index.
         self.parts.trainer.cfg = self.cfg.train
         if any(name.startswith("screen.") for name in result.applied):
-            from dreamd.dream.routing import open_dreaming
-
-            # Built as loop.open_parts builds them: the probes' screening rule and held-out
-            # dreamer too, or the cycle trains on probe material (the guardrail rolls it back).
-            parts = self.parts
-            dreamer, screener = open_dreaming(self.cfg, parts.store, parts.run_id, parts.engine,
-                                              parts.model.config)
-            if parts.probes is not None:
-                dreamer = parts.probes.hold_out(dreamer, screener)
-            parts.dreamer, parts.screener = dreamer, screener
+            self.parts.rebuild_dreaming()
         self.notifier.ready(status="reloaded")
         return schedule.with_config(self.cfg.schedule)
 

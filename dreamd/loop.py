@@ -54,6 +54,17 @@ class Parts:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return max(0, self.peak_step_bytes - weights)
 
+    def rebuild_dreaming(self) -> None:
+        """(Re)build the dreamer and screener from self.cfg, as one unit: dream.source picks the
+        writers, the screener gets every rule (near duplicates included), and the probes'
+        hold-out wraps both. At start and after a SIGHUP that changed screen.*."""
+        from dreamd.dream.routing import open_dreaming
+
+        dreamer, screener = open_dreaming(self.cfg, self.store, self.run_id, self.engine, self.model.config)
+        if self.probes is not None:
+            dreamer = self.probes.hold_out(dreamer, screener)
+        self.dreamer, self.screener = dreamer, screener
+
     @property
     def model_config(self) -> Any:
         return self.model.config
@@ -101,7 +112,6 @@ class Parts:
 
 def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     """Build every part and the loop state, resuming the run of this name if one is unfinished."""
-    from dreamd.dream.routing import open_dreaming
     from dreamd.engines.select import make_engine
     from dreamd.models import load_model, resolve_device
     from dreamd.service.checkpoint import CheckpointDir, load_checkpoint
@@ -159,10 +169,8 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
         gone = store.supersede_after(run_id, -1)
         store.add_event(run_id, "resume", {"checkpoint": None, "step": 0, "superseded": gone._asdict()})
 
-    # dream.source picks the writers; the screener gets every rule incl. near duplicates.
-    dreamer, screener = open_dreaming(cfg, store, run_id, engine, model.config)
     parts = Parts(cfg=cfg, store=store, run_id=run_id, model=model, tokenizer=tokenizer, engine=engine,
-                  trainer=trainer, dreamer=dreamer, screener=screener, checkpoints=checkpoints)
+                  trainer=trainer, dreamer=None, screener=None, checkpoints=checkpoints)
 
     # ---- probes: drawn once per run (stored, status 'probe'), held out of training by a
     # screening rule, and measured before the first cycle (the baseline, evals.cycle_id NULL) ----
@@ -171,7 +179,7 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     from dreamd.evals.probes import ProbeSuite
 
     parts.probes = ProbeSuite.open(store, run_id, cfg.run.state_dir, TemplateDreamer(spec=cfg.spec_text))
-    parts.dreamer = parts.probes.hold_out(dreamer, screener)
+    parts.rebuild_dreaming()
     if latest is None and not start_metrics(store, run_id):
         with parts.phase(None, "evaluate"):
             metrics, details = parts.evaluate()
