@@ -30,8 +30,9 @@ demo: setup
 	$(BIN)/dreamd run --config $(DEMO)/dreamd.toml --cycles $(CYCLES)
 	$(BIN)/dreamd history --config $(DEMO)/dreamd.toml
 
+# Tests run on every core (pytest-xdist), one torch thread each (tests/conftest.py).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/context_frozen.py
