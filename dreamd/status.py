@@ -21,7 +21,7 @@ HISTORY_COLUMNS = [
     ("n_accept", "acc", "{}"), ("n_pushback", "push", "{}"), ("n_derail", "derail", "{}"),
     ("n_general", "gen", "{}"), ("n_rejected", "rej", "{}"), ("general_share", "gen%", "{:.0%}"),
     ("mean_loss", "loss", "{:.4f}"), ("lr", "lr", "{:.1e}"), ("perplexity", "ppl", "{:.1f}"),
-    ("arith_em", "arith", "{:.2f}"),
+    ("arith_em", "arith", "{:.2f}"), ("balanced", "judge", "{:.2f}"), ("sycophancy", "syco", "{:.2f}"),
 ]
 
 
