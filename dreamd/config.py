@@ -586,6 +586,30 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))
 
 
+def config_reference() -> str:
+    """docs/config.md: every section and field with its default and meaning (a test keeps the
+    committed file equal to this)."""
+    lines = ["# Configuration reference", "",
+             "Made from the field docstrings in dreamd/config.py (`dreamd config --explain` prints "
+             "the same). Set a field in the TOML file under its section, or as "
+             "`DREAMD_<SECTION>__<FIELD>` in the environment.", ""]
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        if field.exclude or not (isinstance(section, type) and issubclass(section, BaseModel)):
+            continue
+        lines += [f"## [{name}]", ""]
+        if section.__doc__ and section.__doc__.strip() != Section.__doc__.strip():
+            lines += [" ".join(section.__doc__.split()), ""]
+        lines += ["| field | default | meaning |", "|---|---|---|"]
+        for fname, f in section.model_fields.items():
+            default = json.dumps(f.default, default=str) if not isinstance(f.default, str) or len(f.default) < 60 \
+                else '"' + f.default[:57] + '..."'
+            doc = " ".join((f.description or "").split()).replace("|", "\\|")
+            lines.append(f"| `{fname}` | `{default}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     """Field docs as lines 'section.field = default  # doc' (for `dreamd config --explain`)."""
     out: list[str] = []

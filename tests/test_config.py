@@ -113,3 +113,11 @@ def test_every_shipped_toml_parses(path):
 
 def test_some_toml_is_shipped():
     assert any(p.parent.name == "deploy" for p in SHIPPED)
+
+
+def test_docs_config_md_is_current():
+    from dreamd.config import config_reference
+
+    assert (REPO / "docs" / "config.md").read_text() == config_reference(), (
+        "regenerate: python -c \"from dreamd.config import config_reference; "
+        "open('docs/config.md','w').write(config_reference())\"")
