@@ -54,6 +54,11 @@ class RunConfig(Section):
     """How many cycles `dreamd run` performs before exiting; 0 means run until stopped."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the trainer runs: 'auto' takes CUDA when available, else CPU."""
+    threads: Annotated[int, Field(ge=0, le=1024)] = 0
+    """CPU threads for torch (training, the transformers engine, evaluation) and for vLLM's CPU
+    worker. 0 picks one from the machine: half the cores this process may use, at least 1 (on a
+    shared 2-core box one thread ran model calls several times faster than two: idle OpenMP
+    threads spin against other jobs). docs/benchmarks.md has the measurement."""
 
 
 class ModelConfig(Section):

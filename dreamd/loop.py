@@ -113,11 +113,13 @@ class Parts:
 def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     """Build every part and the loop state, resuming the run of this name if one is unfinished."""
     from dreamd.engines.select import make_engine
-    from dreamd.models import load_model, resolve_device
+    from dreamd.models import apply_threads, load_model, resolve_device
     from dreamd.service.checkpoint import CheckpointDir, load_checkpoint
     from dreamd.store.record import Store
     from dreamd.train.trainer import Trainer
 
+    threads = apply_threads(cfg.run.threads)
+    log.info("run.threads", torch=threads)
     cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
     # ---- store: reachable now, or a clear error; migrations before anything else --------------
     store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)

@@ -55,6 +55,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_threads(threads: int) -> int:
+    """run.threads: 0 -> half the cores this process may run on, at least 1 (see the field's doc)."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2)
+
+
+def apply_threads(threads: int) -> int:
+    """Set torch's intra-op threads for this process from run.threads; returns the number.
+    vLLM's CPU worker reads its own setting (engines.vllm_compat.cpu_thread_env) at creation."""
+    n = resolve_threads(threads)
+    torch.set_num_threads(n)
+    return n
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """'auto': bfloat16 on CUDA (half the memory of fp32; FACTS.md on bf16 updates applies),
     float32 on CPU (CPU bf16 matmuls are slower than fp32 on most x86 parts)."""
