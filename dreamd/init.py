@@ -1,12 +1,14 @@
 """`dreamd init DIR`: a complete setup for a machine without a GPU, made locally.
 
-DIR/model/      tiny random-initialised causal LM + tokenizer trained here (chat template)
-DIR/dreamd.toml config whose relative paths point into DIR
+DIR/model/      tiny random-initialised causal LM + tokenizer trained here (chat template), or
+                a real model converted from a local GGUF file (`--gguf PATH`, `--model NAME`)
+DIR/dreamd.toml config whose relative paths point into DIR, fitted to the model
 DIR/state/      the SQLite store (migrated), later checkpoints, pidfile, pause flag
 
-Nothing is downloaded. The tokenizer is trained on the bundled corpus plus a few thousand
+Nothing is downloaded. The tiny tokenizer is trained on the bundled corpus plus a few thousand
 template-dreamed scenarios, so the words the loop trains on are a few tokens each, as they would
-be with a real model's tokenizer.
+be with a real model's tokenizer. A GGUF is converted once (dreamd/gguf.py, cached) and its
+files are hard-linked into DIR/model.
 """
 
 from __future__ import annotations
@@ -55,23 +57,54 @@ def demo_config(arch: Arch, seed: int) -> Config:
     return cfg
 
 
-def init_dir(root: Path, *, arch: Arch = "llama", hidden: int = 64, layers: int = 4, seed: int = 0,
-             force: bool = False) -> Path:
-    root = Path(root)
+# A real model's first cycles follow the seed plan: 20 behavioural examples at lr 1e-5, one
+# pass; the controller may go up to 50 examples and lr 1e-4. Batches of 4 hold >= 25% general
+# data each (mix.py), so 20 behavioural examples come with 7 general ones: 27 per cycle.
+REAL_EXAMPLES_PER_CYCLE = 27
+REAL_MAX_LEN = 2048  # max_seq_len / max_model_len cap: dreamed examples are far shorter
+
+
+def real_model_config(facts: dict, *, name: str, seed: int) -> Config:
+    """A config fitted to a real (pretrained) model from its `models.model_facts`."""
+    cfg = Config()
+    cfg.run.name = name
+    cfg.run.seed = seed
+    cfg.run.state_dir = Path("state")
+    cfg.run.threads = 0  # auto: half the usable cores (one on a 2-core box)
+    cfg.model.path = Path("model")
+    cfg.model.max_seq_len = min(int(facts["context_length"]), REAL_MAX_LEN)
+    cfg.engine.kind = "auto"  # vLLM where it serves, else transformers
+    cfg.engine.max_model_len = cfg.model.max_seq_len
+    cfg.dream.source = "mixed"  # the model writes half the behavioural candidates
+    cfg.train.lr = 1e-5
+    cfg.train.lr_max = 1e-4
+    # APOLLO rank ~ hidden / 4 in multiples of 16 (576 -> 144), within 16..256.
+    cfg.optimizer.rank = max(16, min(256, int(facts["hidden_size"]) // 4 // 16 * 16))
+    cfg.mix.examples_per_cycle = REAL_EXAMPLES_PER_CYCLE
+    cfg.controller.examples_min = 20
+    cfg.controller.examples_max = 50
+    return cfg
+
+
+def _prepare_root(root: Path, force: bool) -> Path:
     cfg_path = root / "dreamd.toml"
     if cfg_path.exists() and not force:
         raise UsageError(f"{root} already holds a dreamd setup ({cfg_path}); pass --force to "
                          "overwrite it or choose another DIR")
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} is a file; pass a directory (new or empty) as DIR")
     if force:
         for sub in ("model", "state"):
             shutil.rmtree(root / sub, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    write_tiny_model_dir(root / "model", arch, texts=tokenizer_texts(seed), hidden=hidden,
-                         layers=layers, seed=seed)
+    return cfg_path
+
+
+def _write_config_and_store(cfg_path: Path, header: str, cfg: Config) -> Path:
     cfg_path.write_text(
-        f"# dreamd config written by `dreamd init` ({arch}, hidden {hidden}, {layers} layers).\n"
+        f"# dreamd config written by `dreamd init` ({header}).\n"
         "# Every field: `dreamd config --explain`. Relative paths are from this file's directory.\n\n"
-        + to_toml(demo_config(arch, seed))
+        + to_toml(cfg)
     )
     cfg = load_config(cfg_path)
     from dreamd.store import Store
@@ -79,3 +112,42 @@ def init_dir(root: Path, *, arch: Arch = "llama", hidden: int = 64, layers: int 
     cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
     Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms).upgrade()
     return cfg_path
+
+
+def init_dir(root: Path, *, arch: Arch = "llama", hidden: int = 64, layers: int = 4, seed: int = 0,
+             force: bool = False) -> Path:
+    root = Path(root)
+    cfg_path = _prepare_root(root, force)
+    write_tiny_model_dir(root / "model", arch, texts=tokenizer_texts(seed), hidden=hidden,
+                         layers=layers, seed=seed)
+    return _write_config_and_store(cfg_path, f"{arch}, hidden {hidden}, {layers} layers",
+                                   demo_config(arch, seed))
+
+
+def init_from_gguf(root: Path, *, gguf: Path | None = None, model: str | None = None, seed: int = 0,
+                   dtype: str = "float32", force: bool = False, cache: bool = True) -> Path:
+    """DIR set up for a real model: the GGUF file `gguf` (or the named model's installed file)
+    converted to DIR/model (from the conversion cache unless cache=False), a config fitted to
+    it, the store. Bad files and names are one-line UsageErrors, checked before DIR is touched."""
+    from dreamd.gguf import convert_cached, convert_gguf, gguf_metadata, link_or_copy_tree, named_model_gguf
+
+    if (gguf is None) == (model is None):
+        raise UsageError("pass exactly one of --gguf PATH and --model NAME")
+    source = named_model_gguf(model) if model is not None else Path(gguf)
+    gguf_metadata(source)  # a bad file fails here, before DIR is made or cleared
+    root = Path(root)
+    cfg_path = _prepare_root(root, force)
+    if cache:
+        link_or_copy_tree(convert_cached(source, dtype), root / "model")
+    else:
+        convert_gguf(source, root / "model", dtype)
+    from transformers import AutoConfig
+
+    from dreamd.models import model_facts
+
+    facts = model_facts(AutoConfig.from_pretrained(root / "model", local_files_only=True))
+    name = model or source.stem.lower()
+    return _write_config_and_store(
+        cfg_path, f"{name}: {facts['architecture']}, {facts['num_layers']} layers, hidden "
+        f"{facts['hidden_size']}, converted from {source.name} as {dtype}",
+        real_model_config(facts, name=name, seed=seed))
