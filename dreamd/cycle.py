@@ -15,6 +15,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from dreamd.controller import apply as apply_decision
@@ -146,8 +147,10 @@ def run_cycle(parts: Parts, state: LoopState) -> CycleResult:
     try:
         if resumed is None:
             # ---- dream + screen ---------------------------------------------------------
+            meter, dream_started = parts.engine.meter.copy(), datetime.now(timezone.utc)
             with parts.phase(cycle_id, "dream"):
                 examples, rejected = dream_and_screen(parts, state, cycle_id, rng)
+            record_generation(parts, cycle_id, dream_started, parts.engine.meter.since(meter))
             # ---- mix --------------------------------------------------------------------
             batches = make_batches(examples, cfg.train.batch_size, state.general_share,
                                    cfg.train.bucket_by_length, rng)
@@ -231,6 +234,13 @@ def open_window(parts: Parts) -> Any:
 
     return TrainingWindow.for_config(parts.cfg, parts.engine, parts.model, parts.tokenizer, PhaseLedger(),
                                      measured_peak_bytes=parts.peak_above_weights())
+
+
+def record_generation(parts: Parts, cycle_id: int, started: datetime, used: Any) -> None:
+    """The engine's share of the dream phase as a 'generate' phases row, with tokens/s."""
+    if used.calls:
+        parts.store.add_phase(parts.run_id, cycle_id, "generate", started, used.seconds,
+                              tokens_per_s=used.tokens / used.seconds if used.seconds > 0 else None)
 
 
 def record_window(parts: Parts, cycle_id: int, window: Any) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from dreamd.config import Config, load_config, to_toml
 from dreamd.dream.scenario import ScenarioKind
 from dreamd.errors import UsageError
-from dreamd.tiny import Arch, bundled_corpus, write_tiny_model_dir
+from dreamd.tiny import VLLM_HEAD_DIM, Arch, bundled_corpus, write_tiny_model_dir
 
 # Scenarios drawn per kind for tokenizer training: enough to cover the grammar's vocabulary
 # (~0.5 s of dreaming), small next to the corpus so the tokenizer stays general.
@@ -118,8 +118,9 @@ def init_dir(root: Path, *, arch: Arch = "llama", hidden: int = 64, layers: int 
              force: bool = False) -> Path:
     root = Path(root)
     cfg_path = _prepare_root(root, force)
+    # Heads of 32 (linear-attention heads of 64): shapes vLLM's CPU kernels can serve too.
     write_tiny_model_dir(root / "model", arch, texts=tokenizer_texts(seed), hidden=hidden,
-                         layers=layers, seed=seed)
+                         layers=layers, seed=seed, head_dim=VLLM_HEAD_DIM)
     return _write_config_and_store(cfg_path, f"{arch}, hidden {hidden}, {layers} layers",
                                    demo_config(arch, seed))
 

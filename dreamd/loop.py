@@ -148,7 +148,7 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     model_cfg = cfg.model if latest is None else replace_path(cfg, latest)
     model, tokenizer = load_model(model_cfg, device)
     # The engine before the optimizer: vLLM sizes its KV cache against the memory free now.
-    engine = make_engine(cfg, model, tokenizer)
+    engine = make_engine(cfg, model, tokenizer, threads=threads)
     trainer = Trainer(model, cfg.train, cfg.optimizer, seed=cfg.run.seed)
 
     if latest is None:

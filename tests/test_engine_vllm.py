@@ -46,8 +46,9 @@ def tok():
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
     out = {}
-    for name, arch, tied in (("llama", "llama", False), ("llama_tied", "llama", True), ("qwen3.5", "qwen3.5", False)):
-        cfg = tiny_config(arch, len(tok), tokenizer=tok)
+    for name, arch, tied in (("llama", "llama", False), ("llama_tied", "llama", True), ("qwen3.5", "qwen3.5", False),
+                             ("llama_hd32", "llama", False)):
+        cfg = tiny_config(arch, len(tok), tokenizer=tok, head_dim=32 if name.endswith("hd32") else None)
         cfg.tie_word_embeddings = tied
         path = tmp_path_factory.mktemp(name.replace(".", ""))
         build_tiny_model(cfg, seed=1).save_pretrained(path)
@@ -74,6 +75,11 @@ def _train_a_little(model: torch.nn.Module, tk, steps: int = 5) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
+
+
+def _no_reload_from_disk(llm: standin.RecordingLLM) -> bool:
+    """No collective_rpc('reload_weights'): that re-reads the checkpoint and undoes training."""
+    return all(args["method"] != "reload_weights" for name, args in llm.calls if name == "collective_rpc")
 
 
 def _served_equals_trainer(llm: standin.RecordingLLM, model: torch.nn.Module) -> bool:
@@ -126,7 +132,7 @@ def test_adapter_calls_exist_in_every_recorded_version(version: str) -> None:
     names = {k: [p[0] for p in v] for k, v in rec["methods"].items()}
     assert names["LLM.sleep"][:2] == ["self", "level"]
     assert names["LLM.wake_up"] == ["self", "tags"]
-    assert names["LLM.apply_model"] == ["self", "func"]
+    assert names["LLM.collective_rpc"][:5] == ["self", "method", "timeout", "args", "kwargs"]
     assert "use_tqdm" in names["LLM.generate"]
     assert "prompt_token_ids" in rec["typed_dicts"]["TokensPrompt"]
     assert {"text", "token_ids", "finish_reason", "index"} <= {f[0] for f in rec["fields"]["CompletionOutput"]}
@@ -234,7 +240,7 @@ def test_create_pushes_resets_and_serves_the_trainer_weights(dirs: dict[str, Pat
     engine, model, llm = _engine(dirs["llama"])
     init = llm.calls[0][1]
     assert init["load_format"] == "dummy" and init["enable_sleep_mode"] is True and init["enforce_eager"] is True
-    assert llm.called() == ["__init__", "apply_model", "reset_prefix_cache"]
+    assert llm.called() == ["__init__", "collective_rpc", "reset_prefix_cache"]
     assert engine.weights_valid and _served_equals_trainer(llm, model)
     assert engine.last_push.missing == () and engine.last_push.sent == len(list(model.parameters()))
     hf = TransformersEngine(model, engine.tokenizer)
@@ -262,15 +268,15 @@ def test_sleep_wake_push_order_and_valid_state(dirs: dict[str, Path]) -> None:
     _train_a_little(model, engine.tokenizer)
     n = len(llm.calls)
     engine.load_weights(model.named_parameters())
-    assert llm.called()[n:] == ["apply_model"]  # KV cache still asleep: reset deferred
+    assert llm.called()[n:] == ["collective_rpc"]  # KV cache still asleep: reset deferred
     engine.wake(["kv_cache"])
-    assert llm.called()[n:] == ["apply_model", "wake_up", "reset_prefix_cache"]
+    assert llm.called()[n:] == ["collective_rpc", "wake_up", "reset_prefix_cache"]
     assert engine.weights_valid and _served_equals_trainer(llm, model)
     sampling = Sampling(max_tokens=8)
     assert engine.generate(CONVS, sampling) == TransformersEngine(model, engine.tokenizer).generate(CONVS, sampling)
     with pytest.raises(RuntimeError, match="not asleep"):
         engine.wake(["kv_cache"])
-    assert "collective_rpc" not in llm.called() and llm.served_stale_prefix == 0
+    assert _no_reload_from_disk(llm) and llm.served_stale_prefix == 0
 
 
 def test_push_while_awake_resets_the_prefix_cache(dirs: dict[str, Path]) -> None:
@@ -295,11 +301,11 @@ def test_training_window_sleeping(dirs: dict[str, Path], name: str) -> None:
         assert not engine.weights_valid
         _train_a_little(model, engine.tokenizer)
     assert llm.calls[n:][0] == ("sleep", {"level": 2, "mode": "abort"})
-    assert llm.called()[n:] == ["sleep", "wake_up", "apply_model", "wake_up", "reset_prefix_cache", "generate"]
+    assert llm.called()[n:] == ["sleep", "wake_up", "collective_rpc", "wake_up", "reset_prefix_cache", "generate"]
     assert [c[1]["tags"] for c in llm.calls[n:] if c[0] == "wake_up"] == [["weights"], ["kv_cache"]]
     assert [r["name"] for r in ledger.rows()] == ["sleep", "wake", "push", "wake", "canary"]
     assert window.last_canary.ok and window.last_canary.mean_abs_diff < 1e-5
-    assert _served_equals_trainer(llm, model) and "collective_rpc" not in llm.called()
+    assert _served_equals_trainer(llm, model) and _no_reload_from_disk(llm)
     if name == "llama_tied":
         assert engine.last_push.sent == len(list(model.parameters())) and engine.last_push.tie_ok
 
@@ -310,7 +316,7 @@ def test_training_window_awake_only_pushes(dirs: dict[str, Path]) -> None:
     n = len(llm.calls)
     with window.training(model):
         _train_a_little(model, engine.tokenizer)
-    assert llm.called()[n:] == ["apply_model", "reset_prefix_cache", "generate"]
+    assert llm.called()[n:] == ["collective_rpc", "reset_prefix_cache", "generate"]
     assert window.last_canary.ok
 
 
@@ -368,9 +374,14 @@ def test_sampled_n_and_seed(dirs: dict[str, Path]) -> None:
 
 # ---- selection -----------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
-def test_make_engine_without_cuda(dirs: dict[str, Path]) -> None:
-    model, tk = _trainer(dirs["llama"])
-    assert "CUDA is not available" in vllm_unavailable_reason()
+def test_make_engine_falls_back_when_vllm_cannot_serve_the_model(dirs: dict[str, Path]) -> None:
+    model, tk = _trainer(dirs["llama"])  # head_dim 16: below what vLLM's CPU attention supports
+    reason = vllm_unavailable_reason(model)
+    if compat.installed_version() is None:
+        assert reason.startswith("vLLM is not installed")
+    else:
+        assert reason == ("vLLM's CPU platform cannot serve this model: attention head_dim 16 is not one "
+                          "vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)")
     for kind in ("auto", "transformers"):
         cfg = Config.model_validate({"engine": {"kind": kind}})
         assert isinstance(make_engine(cfg, model, tk), TransformersEngine)
@@ -378,8 +389,40 @@ def test_make_engine_without_cuda(dirs: dict[str, Path]) -> None:
     with pytest.raises(UsageError) as info:
         make_engine(cfg, model, tk)
     msg = str(info.value)
-    assert msg.startswith("engine.kind = 'vllm' but CUDA is not available") and "\n" not in msg
+    assert msg.startswith(f"engine.kind = 'vllm' but {reason}") and "\n" not in msg
     assert msg.endswith("set engine.kind = 'transformers' or 'auto'")
+
+
+def test_cpu_shape_rules() -> None:
+    llama = tiny_config("llama", 300, hidden=64)
+    llama.num_attention_heads, llama.num_key_value_heads, llama.head_dim = 2, 1, 32
+    assert compat.cpu_unsupported_reason(llama, torch.float32) is None
+    hybrid = tiny_config("qwen3.5", 300, hidden=64)
+    hybrid.num_attention_heads, hybrid.num_key_value_heads, hybrid.head_dim = 2, 1, 32
+    assert "need bfloat16" in compat.cpu_unsupported_reason(hybrid, torch.float32)
+    assert "linear_key_head_dim 16 is not one" in compat.cpu_unsupported_reason(hybrid, torch.bfloat16)
+    hybrid.linear_key_head_dim = hybrid.linear_value_head_dim = 64
+    assert compat.cpu_unsupported_reason(hybrid, torch.bfloat16) is None
+
+
+def test_an_engine_without_sleep_mode_refuses_sleep_and_the_window_stays_awake(dirs: dict[str, Path]) -> None:
+    """vLLM's CPU platform: sleep() would pause the scheduler and the next generate would hang."""
+    model, tk = _trainer(dirs["llama_hd32"])
+    api = compat.VllmApi(LLM=standin.RecordingLLM, SamplingParams=standin.SamplingParams, version="0.26.0",
+                         device="cpu", sleep_mode=False)
+    engine = VLLMEngine.create(model_path=dirs["llama_hd32"], model=model, tokenizer=tk, engine_cfg=EngineConfig(),
+                               seed=0, api=api)
+    assert engine.llm.kwargs["enable_sleep_mode"] is False
+    assert engine.llm.kwargs["kv_cache_memory_bytes"] == 1 << 30  # CPU default, not a share of host RAM
+    with pytest.raises(RuntimeError, match="no sleep mode"):
+        engine.sleep(level=2)
+    assert engine.weights_valid and not engine.asleep_tags
+    cfg = Config.model_validate({"engine": {"sleep": "always"}})
+    window = TrainingWindow.for_config(cfg, engine, model, tk, PhaseLedger())
+    assert not window.decision.sleep and "no sleep mode" in window.decision.reason
+    with window.training(model):
+        _train_a_little(model, tk, steps=1)
+    assert window.last_canary.ok and "sleep" not in engine.llm.called()
 
 
 # ---- the window with the transformers engine (the CPU path) ---------------------------------

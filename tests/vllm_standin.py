@@ -15,7 +15,12 @@ What it models, and how (each rule is one a real vLLM run enforces or exhibits):
 - sleep clears the prefix cache; a weight push does not. Generating after a push without a
   reset counts in `served_stale_prefix` (vLLM would reuse KV blocks of the old weights).
 - reset_prefix_cache returns False when `refuse_reset` is set (vLLM: requests hold blocks).
-- collective_rpc('reload_weights') re-reads the checkpoint from disk (undoing training).
+- collective_rpc('reload_weights') re-reads the checkpoint from disk (undoing training);
+  collective_rpc(fn, args=...) runs fn(worker, *args) with a worker whose get_model() is the
+  served model (vLLM's in-process executor does the same with its one worker).
+- the platform is CUDA-like (sleep mode, in-place loading): what vLLM's CPU build cannot show
+  (freed memory, garbage after sleep level 2). The CPU platform itself is tested against real
+  vLLM (tests/test_vllm_real.py), not modelled here.
 - the served model's load_weights copies by HF name, skips 'lm_head.*' when tied (as vLLM's
   Llama does), raises on unknown names, returns the loaded names. `lie_about` names are
   reported loaded but not written (a silent loader bug, for the canary test).
@@ -110,6 +115,17 @@ class ServedModel:
         self._llm.weight_pushes += 1
         self._llm.prefix_cache_stale = bool(self._llm.prefix_cache)
         return loaded
+
+
+class Worker:
+    """What collective_rpc's function receives: get_model() and model_config, as vLLM's worker."""
+
+    def __init__(self, llm: RecordingLLM) -> None:
+        self._llm = llm
+        self.model_config = None
+
+    def get_model(self) -> ServedModel:
+        return ServedModel(self._llm)
 
 
 class RecordingLLM:
@@ -240,4 +256,6 @@ class RecordingLLM:
             disk = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
             self.hf.load_state_dict(disk.state_dict())
             return [None]
+        if callable(method):
+            return [method(Worker(self), *args, **(kwargs or {}))]
         raise AttributeError(f"stand-in worker has no method {method!r}")

@@ -1,7 +1,7 @@
 """The engine interface: what the loop needs from whatever serves generation.
 
 Two implementations: `engines.hf.TransformersEngine` (CPU and anywhere vLLM is absent) and
-`engines.vllm.VLLMEngine` (GPU boxes, in-process offline LLM). The cycle only talks to this
+`engines.vllm.VLLMEngine` (in-process offline LLM; CUDA, or vLLM's CPU build). The cycle only talks to this
 interface; it never reaches into vLLM.
 """
 
@@ -34,10 +34,35 @@ class Completion:
     finish_reason: str  # 'stop' (end of turn) or 'length'
 
 
+@dataclass
+class GenerationMeter:
+    """Running totals of an engine's generate() calls: the cycle turns the difference over its
+    dream phase into a 'generate' phases row with tokens/s."""
+
+    calls: int = 0
+    tokens: int = 0
+    """Completion tokens produced (every one of the n samples)."""
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.calls += 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def since(self, before: GenerationMeter) -> GenerationMeter:
+        return GenerationMeter(self.calls - before.calls, self.tokens - before.tokens,
+                               self.seconds - before.seconds)
+
+    def copy(self) -> GenerationMeter:
+        return GenerationMeter(self.calls, self.tokens, self.seconds)
+
+
 @runtime_checkable
 class Engine(Protocol):
     tokenizer: object
     """The model's tokenizer; `apply_chat_template` renders conversations."""
+    meter: GenerationMeter
+    """Totals over every generate() call (tokens, seconds)."""
 
     @property
     def weights_valid(self) -> bool:
@@ -49,6 +74,10 @@ class Engine(Protocol):
 
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Log-prob of every token after the first, given its prefix (the canary uses it)."""
+
+    @property
+    def can_sleep(self) -> bool:
+        """Whether sleep() is supported here (vLLM's CPU platform has no sleep mode)."""
 
     def sleep(self, level: int = 1) -> None:
         """Free accelerator memory for training (level 1: weights offloaded; 2: discarded)."""

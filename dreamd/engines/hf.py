@@ -19,6 +19,7 @@ zero state as an unpadded one (checked in tests/test_engine_hf.py; logits differ
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -26,7 +27,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dreamd.dream.scenario import Message
-from dreamd.engines.base import Completion, Sampling
+from dreamd.engines.base import Completion, GenerationMeter, Sampling
 
 WAKE_TAGS = ("weights", "kv_cache")
 
@@ -101,6 +102,7 @@ class TransformersEngine:
         self._targets: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
         for name, param in model.named_parameters(remove_duplicate=False):
             self._targets.setdefault(name, param)
+        self.meter = GenerationMeter()
         self._asleep: set[str] = set()
         self._weights_valid = True
         self._pushed: set[str] = set()
@@ -118,6 +120,11 @@ class TransformersEngine:
     def asleep_tags(self) -> frozenset[str]:
         """What is asleep now: a subset of {'weights', 'kv_cache'}; empty when fully awake."""
         return frozenset(self._asleep)
+
+    @property
+    def can_sleep(self) -> bool:
+        """The state machine runs everywhere (it shares the trainer's weights: nothing to free)."""
+        return True
 
     def sleep(self, level: int = 1) -> None:
         if level not in (1, 2):
@@ -216,11 +223,14 @@ class TransformersEngine:
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
         flat: list[Completion] = []
+        t0 = time.perf_counter()
         with eval_mode(self.model), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), per_chunk):
                 flat += self._generate_chunk(prompts[start:start + per_chunk], sampling, copies)
-        return [flat[i * copies:(i + 1) * copies] * (sampling.n // copies) for i in range(len(prompts))]
+        result = [flat[i * copies:(i + 1) * copies] * (sampling.n // copies) for i in range(len(prompts))]
+        self.meter.add(sum(len(c.token_ids) for cs in result for c in cs), time.perf_counter() - t0)
+        return result
 
     @torch.no_grad()
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:

@@ -141,18 +141,23 @@ class SleepDecision:
 def decide_sleep(memory: TrainingMemory, free_bytes: int | None, *,
                  policy: Literal["auto", "always", "never"] = "auto", weights_resident: bool = True,
                  total_bytes: int | None = None, margin_bytes: int | None = None,
-                 measured_peak_bytes: int | None = None) -> SleepDecision:
+                 measured_peak_bytes: int | None = None, engine_can_sleep: bool = True) -> SleepDecision:
     """Whether the engine must sleep while training; a pure function of the numbers.
 
     free_bytes: device memory free now (engine awake), None without CUDA (never sleeps: there is
     no device memory to share). measured_peak_bytes: the trainer's measured peak above its
     resident weights in an earlier cycle; used when larger than the estimate.
+    engine_can_sleep: False where the engine has no sleep mode (vLLM's CPU platform): awake.
     """
     need = memory.added_by_training(weights_resident)
     if measured_peak_bytes is not None:
         need = max(need, measured_peak_bytes)
     margin = default_margin(total_bytes) if margin_bytes is None else margin_bytes
     gib = f"need {need / GiB:.2f} GiB + margin {margin / GiB:.2f} GiB"
+    if not engine_can_sleep:
+        return SleepDecision(False, 0, need, free_bytes, margin,
+                             "the engine has no sleep mode on this platform (vLLM's CPU build): it stays "
+                             "awake while training")
     if free_bytes is None:
         return SleepDecision(False, 0, need, None, margin, "no CUDA device: nothing to share")
     have = f"free {free_bytes / GiB:.2f} GiB"

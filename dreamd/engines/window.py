@@ -75,7 +75,7 @@ class TrainingWindow:
         free = cuda_free_bytes()
         total = torch.cuda.mem_get_info()[1] if free is not None else None
         decision = decide_sleep(memory, free, policy=cfg.engine.sleep, total_bytes=total,
-                                measured_peak_bytes=measured_peak_bytes)
+                                measured_peak_bytes=measured_peak_bytes, engine_can_sleep=engine.can_sleep)
         return cls(engine, decision, ledger, probe=canary_probe(tokenizer), canary_atol=cfg.engine.canary_atol)
 
     def before_train(self) -> None:

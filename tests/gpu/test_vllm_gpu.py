@@ -4,8 +4,8 @@ Run on a GPU host (see docs/benchmarks.md, "GPU host"):
 
     python -m pytest tests/gpu -m gpu -x -q -s
 
-Each engine check runs in its own interpreter (tests/gpu/vllm_checks.py): only one sleep-mode
-vllm.LLM may live in a process. Numbers land in $DREAMD_GPU_OUT (default /tmp/dreamd-gpu-out)
+Each engine check runs in its own interpreter (tests/vllm_checks.py, shared with the CPU tier
+tests/test_vllm_real.py): only one sleep-mode vllm.LLM may live in a process. Numbers land in $DREAMD_GPU_OUT (default /tmp/dreamd-gpu-out)
 as <arch>.json, for docs/benchmarks.md.
 """
 
@@ -56,7 +56,7 @@ def test_recorded_signatures_match_the_installed_vllm() -> None:
         kwargs = vllm_compat.llm_kwargs(model_path="m", dtype="bfloat16", seed=0, gpu_memory_utilization=0.3,
                                         enforce_eager=True, max_model_len=64, kv_cache_memory_bytes=1)
         assert set(kwargs) <= init
-        used = ("LLM.generate", "LLM.sleep", "LLM.wake_up", "LLM.reset_prefix_cache", "LLM.apply_model")
+        used = ("LLM.generate", "LLM.sleep", "LLM.wake_up", "LLM.reset_prefix_cache", "LLM.collective_rpc")
         for key in used:
             assert [p[0] for p in installed["methods"][key]][:2] == [p[0] for p in base["methods"][key]][:2], key
     assert vllm_compat.parse_version(installed["version"]) >= vllm_compat.MIN_VERSION
@@ -66,7 +66,7 @@ def test_recorded_signatures_match_the_installed_vllm() -> None:
 def test_engine_generate_sleep_wake_push_canary(arch: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / f"{arch.replace('.', '')}.json"
-    proc = _run([sys.executable, "-m", "tests.gpu.vllm_checks", arch, str(out)], timeout=900)
+    proc = _run([sys.executable, "-m", "tests.vllm_checks", arch, str(out), "--device", "cuda"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     numbers = json.loads(out.read_text())
     for key in ("canary_first_push", "canary_after_sleep_push", "canary_after_awake_push",
