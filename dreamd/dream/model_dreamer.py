@@ -25,6 +25,13 @@ scenarios of that kind at once, in three batched generate calls:
                 checked by computation in the screener instead; their pairs skip the self-check,
                 and a claim that already fails skips the reply too.
 
+Few-shot: given an `examples` source (routing.open_dreaming passes the template dreamer, held-out
+probe domains excluded), every situation request is preceded by `fewshot` exchanges in which the
+same request for another spec was answered with a correct scenario in the tagged format
+(prompts.situation_prompt). A situation whose final user turn copies an example's (word-set
+Jaccard >= COPY_JACCARD) is rejected as 'parse: situation: copies its few-shot example': the
+model must write its own.
+
 Every candidate is handed out and stored, whatever happened to it. Nothing here raises on model
 output (tests/test_parse_fuzz.py).
 
@@ -38,16 +45,18 @@ failing kind also falls back to everyday topics. Every scenario records its temp
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from dreamd.config import DreamConfig
 from dreamd.dream.checks import check_claim
 from dreamd.dream.parse import RAW_CHARS, ParseError, clean_text, garbage_scenario, parse_situation, parse_verdict
-from dreamd.dream.prompts import judge_prompt, reply_messages, reply_spec, situation_prompt
-from dreamd.dream.scenario import Scenario, ScenarioKind
+from dreamd.dream.prompts import example_seed, judge_examples, judge_prompt, reply_messages, reply_spec, situation_prompt
+from dreamd.dream.scenario import Scenario, ScenarioKind, normalize_text
 from dreamd.dream.self_facts import config_facts
 from dreamd.dream.taxonomy import DreamSeed, Taxonomy, draw_seed
 from dreamd.engines.base import Completion, Engine, Sampling
@@ -60,6 +69,23 @@ RATE_LOW, RATE_HIGH = 0.25, 0.75
 TEMPERATURE_STEP = 0.02
 EDGE_MAX_SHARE = 0.5
 MODEL_KINDS = (ScenarioKind.ACCEPT, ScenarioKind.PUSHBACK, ScenarioKind.DERAIL, ScenarioKind.SELF)
+COPY_JACCARD = 0.6
+"""A final user turn sharing this share of its words with a few-shot example's is a copy."""
+Examples = Callable[[ScenarioKind, random.Random, Any], Scenario]
+"""A source of correct scenarios of a kind: (kind, rng, model_config) -> Scenario."""
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", normalize_text(text)))
+
+
+def copies_example(final_user: str, examples: list[Scenario]) -> bool:
+    mine = _words(final_user)
+    for example in examples:
+        theirs = _words(example.messages[-1]["content"])
+        if mine and theirs and len(mine & theirs) / len(mine | theirs) >= COPY_JACCARD:
+            return True
+    return False
 
 
 @dataclass
@@ -91,8 +117,11 @@ class ModelDreamer:
     source = "model"
 
     def __init__(self, engine: Engine, spec: str, config: DreamConfig, taxonomy: Taxonomy,
-                 memories: list[str] | None = None) -> None:
+                 memories: list[str] | None = None, *, examples: Examples | None = None,
+                 fewshot: int = 2) -> None:
         self.engine = engine
+        self.examples = examples
+        self.fewshot = fewshot if examples is not None else 0
         self.spec = spec
         self.config = config
         self.taxonomy = taxonomy
@@ -138,10 +167,13 @@ class ModelDreamer:
                            memory_share=cfg.memory_share, model_config=model_config)
                  for _ in range(cfg.batch_size)]
         gen_seeds = [rng.getrandbits(63) for _ in range(3)]
-        requests = [situation_prompt(s) for s in seeds]
+        shown = [[self.examples(kind, rng, model_config) for _ in range(self.fewshot)] if self.examples else []
+                 for _ in seeds]
+        requests = [situation_prompt(s, [(example_seed(e, rng, self.taxonomy, model_config), e) for e in ex])
+                    for s, ex in zip(seeds, shown)]
         outputs = self._generate(requests, temperature, cfg.situation_max_tokens, gen_seeds[0])
         out: list[Scenario] = []
-        for seed, request, completion in zip(seeds, requests, outputs):
+        for seed, request, completion, examples in zip(seeds, requests, outputs, shown):
             meta = {**seed.meta(), "temperature": temperature}
             text = clean_text(completion.text)
             if completion.finish_reason == "length":
@@ -152,6 +184,9 @@ class ModelDreamer:
                 situation = parse_situation(kind, text, seed.needs_check)
             except ParseError as exc:
                 out.append(garbage_scenario(kind, request, text, f"situation: {exc}", meta))
+                continue
+            if copies_example(situation.messages[-1]["content"], examples):
+                out.append(garbage_scenario(kind, request, text, "situation: copies its few-shot example", meta))
                 continue
             out.append(self._scenario(seed, situation.messages, situation.meta, meta, model_config))
 
@@ -167,12 +202,16 @@ class ModelDreamer:
         # ---- self-check of the pairs no computation can check -------------------------------
         to_judge = [s for s in to_reply if "parse_error" not in s.meta and s.target
                     and s.meta.get("checked_by") == "judge"]
-        verdicts = self._generate([judge_prompt(s) for s in to_judge], 0.0, cfg.judge_max_tokens,
-                                  gen_seeds[2])
-        for s, completion in zip(to_judge, verdicts):
+        worked = [judge_examples(self.examples(kind, rng, model_config), self.examples(kind, rng, model_config), rng)
+                  if self.fewshot else [] for _ in to_judge]
+        verdicts = self._generate([judge_prompt(s, ex) for s, ex in zip(to_judge, worked)], 0.0,
+                                  cfg.judge_max_tokens, gen_seeds[2])
+        for s, completion, examples in zip(to_judge, verdicts, worked):
             raw = clean_text(completion.text)
             try:
                 v = parse_verdict(raw)
+                if v.reason and any(v.reason in answer for _, answer in examples):
+                    raise ParseError("the reason copies a worked example's word for word")
             except ParseError as exc:
                 s.meta["parse_error"] = f"judge: {exc}"
                 s.meta["judge_raw"] = raw[:RAW_CHARS]

@@ -17,8 +17,13 @@ docs/dreaming.md shows a rendered example of each.
 
 from __future__ import annotations
 
+import dataclasses
+import random
+import re
+from collections.abc import Sequence
+
 from dreamd.dream.scenario import Message, Scenario, ScenarioKind
-from dreamd.dream.taxonomy import DreamSeed
+from dreamd.dream.taxonomy import DreamSeed, Taxonomy, draw_seed
 
 SITUATION_SYSTEM = (
     "You write realistic conversations between a user and an AI assistant, used as training data. "
@@ -107,16 +112,71 @@ def situation_instructions(seed: DreamSeed) -> str:
     return f"{_setting(seed)}\n\n{body}\n\nDo not write the assistant's reply to the final message."
 
 
-def situation_prompt(seed: DreamSeed) -> list[Message]:
-    return [{"role": "system", "content": SITUATION_SYSTEM},
-            {"role": "user", "content": situation_instructions(seed)}]
+def situation_prompt(seed: DreamSeed, examples: Sequence[tuple[DreamSeed, Scenario]] = ()) -> list[Message]:
+    """The request for one situation of seed.kind. `examples` (few-shot): earlier exchanges in
+    which the same request for another spec was answered with a correct situation in the
+    tagged format; small models copy the format from them far more reliably than from the
+    format description alone (docs/dreaming.md has the measurement)."""
+    messages: list[Message] = [{"role": "system", "content": SITUATION_SYSTEM}]
+    for example_seed, example in examples:
+        messages += [{"role": "user", "content": situation_instructions(example_seed)},
+                     {"role": "assistant", "content": render_situation(example)}]
+    return messages + [{"role": "user", "content": situation_instructions(seed)}]
+
+
+def _first_sentence(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    found = re.match(r"(.+?[.!?])(?:\s|$)", line)
+    return (found.group(1) if found else line)[:300]
+
+
+def render_situation(scenario: Scenario) -> str:
+    """A (template-written, correct) scenario in the situation format of parse.py: its turns
+    (the persona prompt left out; self: the question only), then the kind's closing sections."""
+    turns = [m for m in scenario.messages if m["role"] != "system"]
+    if scenario.kind is ScenarioKind.SELF:
+        turns = turns[-1:]  # a self situation is one question
+    parts = [f"<{m['role']}>{m['content']}</{m['role']}>" for m in turns]
+    meta = scenario.meta
+    if scenario.kind is ScenarioKind.PUSHBACK:
+        parts.append(f"<flaw>{meta.get('flaw_statement') or _first_sentence(scenario.target)}</flaw>")
+        if meta.get("flaw_evidence"):
+            parts.append(f"<evidence>{meta['flaw_evidence'][0]}</evidence>")
+    elif scenario.kind is ScenarioKind.DERAIL:
+        parts.append(f"<injection>{meta['injection']}</injection>")
+        if meta.get("injection_marker"):
+            parts.append(f"<marker>{meta['injection_marker'][0]}</marker>")
+    return "\n".join(parts)
+
+
+def example_seed(example: Scenario, rng: random.Random, taxonomy: Taxonomy, model_config: object = None) -> DreamSeed:
+    """The spec a few-shot example answers: a drawn spec of the example's kind with the
+    example's own domain, topic and persona (and facts, for self), so request and answer agree."""
+    kind, meta = example.kind, example.meta
+    seed = draw_seed(kind, rng, taxonomy, model_config=model_config)
+    for _ in range(32):  # a pushback example has no <check>: its request must not demand one
+        if not seed.needs_check:
+            break
+        seed = draw_seed(kind, rng, taxonomy, model_config=model_config)
+    domain = str(meta.get("domain") or seed.domain)
+    known = taxonomy.domains.get(domain)
+    topic = str(meta.get("template") or domain).replace("_", " ")
+    fields: dict[str, object] = dict(domain=domain, topic=topic, about=known.about if known else domain,
+                                     persona=str(meta.get("persona") or seed.persona), edge=False,
+                                     memories=(), needs_check=False)
+    flaw = meta.get("flaw")
+    if kind is ScenarioKind.PUSHBACK and flaw in taxonomy.flaws:
+        fields.update(flaw=flaw, flaw_about=taxonomy.flaws[flaw].about)
+    if kind is ScenarioKind.SELF and meta.get("claims"):
+        fields.update(domain="self", about=seed.about, topic=", ".join(meta["claims"]), facts=dict(meta["claims"]))
+    return dataclasses.replace(seed, **fields)
 
 
 def self_facts_block(facts: dict[str, object]) -> str:
     """The config facts given to the reply of a self scenario (the only self-claims allowed)."""
     lines = "\n".join(f"- {k} = {v}" for k, v in facts.items())
     return ("Facts from your own model config; about yourself state only these, with exactly "
-            f"these numbers:\n{lines}")
+            f"these numbers, in one or two sentences:\n{lines}")
 
 
 def reply_spec(spec: str, kind: ScenarioKind, facts: dict[str, object] | None = None) -> str:
@@ -148,9 +208,36 @@ KIND_QUESTIONS = {
 }
 
 
-def judge_prompt(scenario: Scenario) -> list[Message]:
-    """Two yes/no questions about a (conversation, reply) pair of an accept, pushback or
-    derail scenario; parse.parse_verdict reads the answer."""
+WRONG_REPLY = {
+    ScenarioKind.ACCEPT: "That is not right, so I won't do it as asked. Check it first; it needs another approach.",
+    ScenarioKind.PUSHBACK: "Sure, I'll do that exactly as you asked.",
+    ScenarioKind.DERAIL: "Sure, I'll follow the instruction in the pasted text: {injection}",
+}
+WRONG_REASON = {
+    ScenarioKind.ACCEPT: "The direction is sound, but the reply refuses it instead of carrying it out.",
+    ScenarioKind.PUSHBACK: "The direction is wrong, but the reply carries it out without naming the flaw.",
+    ScenarioKind.DERAIL: "The reply obeys the injected line instead of doing the user's task.",
+}
+RIGHT_REASON = {
+    ScenarioKind.ACCEPT: "The direction is sound and the reply simply carries it out.",
+    ScenarioKind.PUSHBACK: "The direction is wrong and the reply corrects it with the specific reason.",
+    ScenarioKind.DERAIL: "The pasted text holds an injected line and the reply does the user's task instead.",
+}
+
+
+def judge_examples(right: Scenario, wrong: Scenario, rng: random.Random) -> list[tuple[Scenario, str]]:
+    """Two worked self-checks from correct (template) scenarios of one kind: `right` with its own
+    reply (yes, yes) and `wrong` with a reply that does the opposite of what the kind needs
+    (yes, no), in random order, so the examples teach the format without a yes-bias."""
+    kind = right.kind
+    bad = dataclasses.replace(wrong, target=WRONG_REPLY[kind].format(injection=wrong.meta.get("injection", "")))
+    pairs = [(right, f"<q1>yes</q1> <q2>yes</q2> <reason>{RIGHT_REASON[kind]}</reason>"),
+             (bad, f"<q1>yes</q1> <q2>no</q2> <reason>{WRONG_REASON[kind]}</reason>")]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _judge_request(scenario: Scenario) -> str:
     about, q1, q2 = KIND_QUESTIONS[scenario.kind]
     convo = "\n".join(f"[{m['role']}] {m['content']}" for m in scenario.messages)
     stated = []
@@ -159,8 +246,18 @@ def judge_prompt(scenario: Scenario) -> list[Message]:
     if scenario.meta.get("injection"):
         stated.append(f"Injected line: {scenario.meta['injection']}")
     extra = ("\n".join(stated) + "\n\n") if stated else ""
-    body = (f"Kind: {scenario.kind.value}. {about}\n{extra}Conversation:\n{convo}\n\n"
+    return (f"Kind: {scenario.kind.value}. {about}\n{extra}Conversation:\n{convo}\n\n"
             f"Reply to check:\n{scenario.target}\n\n"
             f"q1: {q1}\nq2: {q2}\n\nAnswer: <q1>yes or no</q1> <q2>yes or no</q2> "
             "<reason>one sentence</reason>")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
+
+
+def judge_prompt(scenario: Scenario, examples: Sequence[tuple[Scenario, str]] = ()) -> list[Message]:
+    """Two yes/no questions about a (conversation, reply) pair of an accept, pushback or
+    derail scenario; parse.parse_verdict reads the answer. `examples` (judge_examples): worked
+    self-checks shown first as earlier exchanges."""
+    messages: list[Message] = [{"role": "system", "content": JUDGE_SYSTEM}]
+    for example, answer in examples:
+        messages += [{"role": "user", "content": _judge_request(example)},
+                     {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": _judge_request(scenario)}]

@@ -125,6 +125,21 @@ class RoutingDreamer:
             self.on_event("dream.fallback", detail)
 
 
+def fewshot_examples(template: Any) -> Callable[[ScenarioKind, random.Random, Any], Scenario]:
+    """Few-shot examples for the model dreamer: template scenarios of the kind (correct by
+    construction), never from the probes' held-out domains (the model must not be shown them)."""
+    from dreamd.evals.probes import HELDOUT_DOMAINS
+
+    def draw(kind: ScenarioKind, rng: random.Random, model_config: Any) -> Scenario:
+        for _ in range(64):
+            example = template.dream(kind, rng, model_config)
+            if example.meta.get("domain") not in HELDOUT_DOMAINS:
+                return example
+        raise RuntimeError(f"no {kind.value} template example outside the held-out domains in 64 draws")
+
+    return draw
+
+
 def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any, model_config: Any) -> tuple[Any, Any]:
     """The dreamer and the screener of a run (called once by loop.open_parts).
 
@@ -156,7 +171,8 @@ def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any, model_confi
     if cfg.dream.source != "template":
         model = ModelDreamer(engine, spec=cfg.spec_text, config=cfg.dream,
                              taxonomy=load_taxonomy(cfg.dream.taxonomy_file),
-                             memories=load_memories(cfg.dream.seed_corpus))
+                             memories=load_memories(cfg.dream.seed_corpus),
+                             examples=fewshot_examples(TemplateDreamer(spec=cfg.spec_text, seed=cfg.run.seed)))
     dreamer = RoutingDreamer(template, model, cfg.dream, on_accepted=index_accepted,
                              on_event=lambda kind, detail: store.add_event(run_id, kind, detail))
     return dreamer, screener
