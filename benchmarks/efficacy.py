@@ -78,10 +78,15 @@ def run_one(name: str, init: str, state: str, cycles: int, extra: dict[str, str]
 
 
 def run_efficacy(root: Path, cycles: int) -> dict[str, Any]:
-    from dreamd.init import init_dir
+    from dreamd.init import init_dir, tokenizer_texts
+    from dreamd.tiny import write_tiny_model_dir
 
     root = Path(root)
     init_dir(root / "init", arch="llama")
+    # The model this proof was measured with (docs/efficacy.md): heads of 16, as `dreamd init`
+    # wrote them before its models took heads of 32 for vLLM's CPU kernels. Same seed, same
+    # tokenizer; only the head split differs, and it changes this small model's trajectory.
+    write_tiny_model_dir(root / "init" / "model", "llama", texts=tokenizer_texts(0), seed=0)
     ctx = mp.get_context("spawn")
     with ctx.Pool(len(RUNS)) as pool:
         jobs = [pool.apply_async(run_one, (name, str(root / "init"), str(root / f"state-{name}"), cycles, extra))

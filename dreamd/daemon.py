@@ -132,8 +132,11 @@ class Daemon:
                     # the flag its own pause request is already queued: one events row, not two.
                     self.control.request_pause("store")
                 self.notifier.ready(status="ready")
+                import torch  # noqa: PLC0415 (loaded by now; the CLI's quick commands never get here)
+
                 log.info("daemon.ready", run_id=self.parts.run_id, cycle=self.state.cycle,
-                         step=self.parts.trainer.step, pid_state_dir=str(self.cfg.run.state_dir))
+                         step=self.parts.trainer.step, pid_state_dir=str(self.cfg.run.state_dir),
+                         engine=type(self.parts.engine).__name__, torch_threads=torch.get_num_threads())
                 return self._loop(schedule)
             finally:
                 self.control.close()

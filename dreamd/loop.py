@@ -119,7 +119,6 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     from dreamd.train.trainer import Trainer
 
     threads = apply_threads(cfg.run.threads)
-    log.info("run.threads", torch=threads)
     cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
     # ---- store: reachable now, or a clear error; migrations before anything else --------------
     store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)

@@ -32,6 +32,24 @@ torch.set_num_threads(1)
 PG_URL_ENV = "DREAMD_TEST_PG_URL"
 
 
+def init_setup(root: Path) -> Path:
+    """`dreamd init` (tiny llama) for the tests of the loop's mechanics (cycle, daemon, faults,
+    controller, dreaming), with engine.kind = 'transformers' written into its config: those
+    tests restart the daemon dozens of times, and vLLM's CPU engine costs ~10 s per start.
+    vLLM itself is tested by tests/test_vllm_real.py (engine checks and a `dreamd once`)."""
+    from dreamd.config import load_config, to_toml
+    from dreamd.init import init_dir
+
+    cfg_path = init_dir(root, arch="llama")
+    cfg = load_config(cfg_path, environ={})
+    cfg.engine.kind = "transformers"
+    text = cfg_path.read_text()
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    cfg.model.path, cfg.run.state_dir = Path("model"), Path("state")
+    cfg_path.write_text(header + to_toml(cfg))
+    return root
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """URL of an empty store: a SQLite file, or a fresh PostgreSQL database (skipped unless

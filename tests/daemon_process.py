@@ -28,7 +28,7 @@ import pytest
 from sqlalchemy import text
 
 from dreamd.config import load_config, to_toml
-from dreamd.init import init_dir
+from tests.conftest import init_setup
 from dreamd.status import read_status
 from dreamd.store import Store
 
@@ -44,7 +44,7 @@ FAST_FIELDS: dict[str, Any] = {
 def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`dreamd init` once per session: tiny llama model + tokenizer + config (~2 s)."""
     root = tmp_path_factory.mktemp("service-init")
-    init_dir(root, arch="llama")
+    init_setup(root)
     return root
 
 

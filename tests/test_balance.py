@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from dreamd.config import load_config
 from dreamd.cycle import run_cycle
-from dreamd.init import init_dir
+from tests.conftest import init_setup
 from dreamd.loop import open_parts
 from dreamd.mix import kind_quotas
 
@@ -22,7 +22,7 @@ COLUMNS = {"accept": "n_accept", "pushback": "n_pushback", "derail": "n_derail",
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("init")
-    init_dir(root, arch="llama")
+    init_setup(root)
     return root
 
 

@@ -155,10 +155,10 @@ def test_store_side(store) -> None:
 
 @pytest.mark.slow
 def test_rollback_and_halt_in_real_cycles(tmp_path: Path) -> None:
-    from dreamd.init import init_dir
+    from tests.conftest import init_setup
     from dreamd.loop import open_parts
 
-    init_dir(tmp_path / "init", arch="llama")
+    init_setup(tmp_path / "init")
     environ = {"DREAMD_RUN__STATE_DIR": str(tmp_path / "state"), "DREAMD_MIX__EXAMPLES_PER_CYCLE": "24",
                "DREAMD_EVAL__ARITHMETIC_N": "4", "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "256",
                "DREAMD_CONTROLLER__MAX_ROLLBACKS_IN_A_ROW": "1"}

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from dreamd.config import load_config
 from dreamd.cycle import run_cycle
-from dreamd.init import init_dir
+from tests.conftest import init_setup
 from dreamd.loop import open_parts
 
 FAST = {  # small cycles: 8 examples in 2 batches of 4, cheap evaluation
@@ -27,7 +27,7 @@ FAST = {  # small cycles: 8 examples in 2 batches of 4, cheap evaluation
 @pytest.fixture(scope="session")
 def setup_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("init")
-    init_dir(root, arch="llama")
+    init_setup(root)
     return root
 
 

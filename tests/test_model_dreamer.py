@@ -32,7 +32,7 @@ from dreamd.dream.taxonomy import draw_seed, load_memories, load_taxonomy
 from dreamd.dream.templates import TemplateDreamer
 from dreamd.errors import UsageError
 from dreamd.evals.forgetting import arithmetic_probes
-from dreamd.init import init_dir
+from tests.conftest import init_setup
 from tests.scripted_engines import VALID, OracleEngine
 
 MODEL_CONFIG = Qwen3_5TextConfig(num_hidden_layers=8, hidden_size=64, intermediate_size=128,
@@ -370,7 +370,7 @@ def test_mixed_source_and_synthetic_disclosure() -> None:
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("init")
-    init_dir(root, arch="llama")
+    init_setup(root)
     return root
 
 

@@ -26,7 +26,7 @@ from dreamd.dream.scenario import Scenario
 from dreamd.dream.screen import Screener
 from dreamd.dream.screen_rules import add_dream_rules
 from dreamd.dream.templates import TemplateDreamer
-from dreamd.init import init_dir
+from tests.conftest import init_setup
 from dreamd.loop import open_parts
 from dreamd.store import Store
 
@@ -200,7 +200,7 @@ FAST = {"DREAMD_MIX__EXAMPLES_PER_CYCLE": "8", "DREAMD_EVAL__ARITHMETIC_N": "4",
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("init")
-    init_dir(root, arch="llama")
+    init_setup(root)
     return root
 
 

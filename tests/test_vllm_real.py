@@ -64,7 +64,7 @@ def test_engine_against_real_vllm(arch: str, tmp_path: Path) -> None:
         assert numbers[key]["ok"], (key, numbers[key])
     assert "no sleep mode" in numbers["decision_auto"]
     names = [p["name"] for p in numbers["phases"]]
-    assert names == ["generate", "train", "push", "canary"], names  # awake: no sleep, no wake
+    assert names == ["generate", "generate", "train", "push", "canary"], names  # awake: no sleep, no wake
     lp = numbers["prefix_cached_greedy_logprob"]
     assert lp["engine"] != lp["before_push"][0]  # the push changed what generation reads
 

