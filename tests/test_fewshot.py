@@ -131,3 +131,15 @@ def test_a_verdict_that_echoes_the_worked_example_is_rejected(examples):
                            taxonomy=load_taxonomy(), examples=examples)
     for s in dreamer.write_batch(ScenarioKind.ACCEPT, random.Random(5)):
         assert s.meta["parse_error"] == "judge: the reason copies a worked example's word for word"
+
+
+def test_self_replies_are_greedy_other_kinds_sampled():
+    from tests.scripted_engines import OracleEngine
+
+    engine = OracleEngine()
+    dreamer = ModelDreamer(engine, spec=DEFAULT_SPEC, config=DreamConfig(batch_size=3, reply_temperature=0.6),
+                           taxonomy=load_taxonomy(), examples=fewshot_examples(TemplateDreamer(spec="", seed=0)))
+    dreamer.write_batch(ScenarioKind.SELF, random.Random(6), CONFIG)
+    dreamer.write_batch(ScenarioKind.DERAIL, random.Random(6), CONFIG)
+    replies = [s.temperature for stage, s in engine.calls if stage == "reply"]
+    assert replies == [0.0] * 3 + [0.6] * 3

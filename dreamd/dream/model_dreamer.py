@@ -16,8 +16,9 @@ scenarios of that kind at once, in three batched generate calls:
                 the kind's current temperature. Unparseable output becomes a garbage scenario
                 (parse.garbage_scenario) that the screener rejects as 'parse: situation: ...'.
   2. reply      the model answers the conversation WITH the behaviour spec in context
-                (Scenario.generation_messages; stripped for training). A reply cut at
-                reply_max_tokens is marked 'parse: reply: ...'.
+                (Scenario.generation_messages; stripped for training), sampled at
+                reply_temperature (self: greedily). A reply cut at reply_max_tokens is marked
+                'parse: reply: ...'.
   3. self-check accept/pushback/derail pairs without a computable claim: the model answers two
                 yes/no questions about its own pair (prompts.judge_prompt), greedily; the verdict
                 goes to meta['judge'] and the screener's 'judge' rule rejects a 'no'.
@@ -192,7 +193,10 @@ class ModelDreamer:
 
         # ---- replies, under the spec: for every scenario whose claim did not already fail --
         to_reply = [s for s in out if "parse_error" not in s.meta and not s.meta.get("claim_fails")]
-        replies = self._generate([reply_messages(s) for s in to_reply], cfg.reply_temperature,
+        # A self reply states numbers it was given: greedy (sampling made SmolLM2-135M drift
+        # off them); the other kinds' replies are sampled at reply_temperature.
+        reply_temperature = 0.0 if kind is ScenarioKind.SELF else cfg.reply_temperature
+        replies = self._generate([reply_messages(s) for s in to_reply], reply_temperature,
                                  cfg.reply_max_tokens, gen_seeds[1])
         for s, completion in zip(to_reply, replies):
             s.target = clean_text(completion.text).strip()
