@@ -76,6 +76,14 @@ def real_model_config(facts: dict, *, name: str, seed: int) -> Config:
     cfg.engine.kind = "auto"  # vLLM where it serves, else transformers
     cfg.engine.max_model_len = cfg.model.max_seq_len
     cfg.dream.source = "mixed"  # the model writes half the behavioural candidates
+    # A generate call lasts as long as its longest row: on CPU, budgets of 256 tokens keep a
+    # batch of 8 at ~1 min (135M, 1 thread) and still fit what the dreamer asks for.
+    cfg.dream.situation_max_tokens = 256
+    cfg.dream.reply_max_tokens = 256
+    cfg.dream.judge_max_tokens = 64
+    # Self-fact scenarios are checked by computation against the model's config, not by the
+    # model's own self-check: the kind a small model writes acceptably most often.
+    cfg.mix.self_facts = 0.25
     cfg.train.lr = 1e-5
     cfg.train.lr_max = 1e-4
     # APOLLO rank ~ hidden / 4 in multiples of 16 (576 -> 144), within 16..256.
