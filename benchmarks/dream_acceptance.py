@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             if out:
                 out.write(json.dumps({"kind": name, "accepted": verdict.ok, "reason": verdict.reason,
                                       "messages": s.messages, "target": s.target,
-                                      "judge": s.meta.get("judge"), "temperature": s.temperature}) + "\n")
+                                      "judge": s.meta.get("judge"), "temperature": s.meta.get("temperature")}) + "\n")
         top = ", ".join(f"{r} x{c}" for r, c in reasons.most_common(4) if r != "accepted")
         print(f"{name:9s} accepted {accepted}/{args.n} ({accepted / args.n:.0%}) in "
               f"{time.perf_counter() - t0:.0f} s; top rejections: {top}", flush=True)
