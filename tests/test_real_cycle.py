@@ -8,8 +8,8 @@ this cycle). The cycle is shrunk to fit CI (~3-4 min on one core): 4 examples, s
 budgets, small probe sets and forgetting evals; the model writes every behavioural candidate
 (dream.source = 'model', self kind, the template fallback after 3 batches of misses). Measured
 on a 2-core box shared with other jobs: 3 of 6 model-written self candidates accepted (4
-examples; ~3 min at load 3, ~7 min at load 8); with 8 examples 6 of 33, cycle 303 s, the most
-common rejections replies cut at 128 tokens (16) and replies not stating the asked fact (9).
+examples, ~7 min at load average 8); with 8 examples at load 3: 6 of 33, cycle 303 s, test 366 s,
+the most common rejections replies cut at 128 tokens (16) and replies not stating the fact (9).
 """
 
 from __future__ import annotations
