@@ -76,8 +76,10 @@ def main() -> None:
     convs = [dreamer.dream(kinds[i % 2], rng).training_messages()[:-1] for i in range(16)]
     sampling = Sampling(n=2, temperature=0.8, top_p=0.95, max_tokens=args.max_tokens, seed=1)
     prompts = [{"prompt_token_ids": encode_chat(tok, c)} for c in convs]
+    # The same request the engine sends on CPU: no per-request seed, the process RNG seeded
+    # (dreamd/engines/vllm_compat.py explains why).
     params = engine.api.SamplingParams(**compat.sampling_kwargs(
-        n=2, temperature=0.8, top_p=0.95, max_tokens=args.max_tokens, seed=1, stop_token_ids=engine.stop_ids))
+        n=2, temperature=0.8, top_p=0.95, max_tokens=args.max_tokens, seed=None, stop_token_ids=engine.stop_ids))
 
     def tps_engine() -> float:
         t0 = time.perf_counter()
@@ -86,7 +88,9 @@ def main() -> None:
 
     def tps_raw() -> float:
         t0 = time.perf_counter()
-        out = engine.llm.generate(prompts, params, use_tqdm=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            out = engine.llm.generate(prompts, params, use_tqdm=False)
         return sum(len(c.token_ids) for o in out for c in o.outputs) / (time.perf_counter() - t0)
 
     def tps_hf() -> float:

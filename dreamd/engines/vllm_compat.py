@@ -150,6 +150,10 @@ def import_vllm() -> VllmApi:
     trainer's CUDA tensors) to the model object directly, with no pickling (FACTS.md).
     """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM logs dozens of INFO/WARNING lines per engine (config dumps, LD_PRELOAD advice) into
+    # the daemon's terminal and journal; dreamd logs what matters (engine.ready, the canary).
+    # VLLM_LOGGING_LEVEL=INFO in the environment brings them back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import vllm  # noqa: PLC0415  (heavy: seconds)
     from vllm import ModelRegistry  # noqa: PLC0415
     from vllm.platforms import current_platform  # noqa: PLC0415
