@@ -177,7 +177,7 @@ def open_parts(cfg: Config) -> tuple[Parts, LoopState]:
     # screening rule, and measured before the first cycle (the baseline, evals.cycle_id NULL) ----
     from dreamd.controller import start_metrics
     from dreamd.dream.templates import TemplateDreamer
-    from dreamd.evals.probes import ProbeSuite
+    from dreamd.evals.suite import ProbeSuite
 
     parts.probes = ProbeSuite.open(store, run_id, cfg.run.state_dir, TemplateDreamer(spec=cfg.spec_text))
     parts.rebuild_dreaming()

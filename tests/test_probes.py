@@ -188,7 +188,7 @@ def test_check_disjoint_finds_probe_conversations_and_held_out_domains(store, pr
 
 
 def test_suite_keeps_its_baseline_on_disk(tmp_path: Path, probes) -> None:
-    from dreamd.evals.probes import ATTENTION_BASELINE, Q1_BASELINE, ProbeSuite
+    from dreamd.evals.suite import ATTENTION_BASELINE, Q1_BASELINE, ProbeSuite
 
     suite = ProbeSuite(probes, tmp_path / "probes" / "run-1")
     assert not suite.has_baseline
@@ -216,7 +216,7 @@ def test_held_out_dreamer_redraws_template_draws_only() -> None:
 
 
 def test_hold_out_is_added_once(tmp_path: Path, probes) -> None:
-    from dreamd.evals.probes import ProbeSuite
+    from dreamd.evals.suite import ProbeSuite
 
     suite = ProbeSuite(probes, tmp_path)
     screener = Screener()
