@@ -317,6 +317,28 @@ class Store(Database):
             s.flush()
             return row.id
 
+    def start_metrics(self, run_id: int) -> dict[str, float]:
+        """The run's baseline: the first value of every metric stored with cycle_id NULL."""
+        out: dict[str, float] = {}
+        with self.read() as s:
+            for metric, value in s.execute(select(Eval.metric, Eval.value)
+                                           .where(Eval.run_id == run_id, Eval.cycle_id.is_(None))
+                                           .order_by(Eval.id)):
+                out.setdefault(metric, value)
+        return out
+
+    def rollbacks_in_a_row(self, run_id: int) -> int:
+        """Trailing controller rollbacks of the run with no committed cycle after them."""
+        with self.read() as s:
+            last_commit = s.scalar(select(Cycle.finished_at)
+                                   .where(Cycle.run_id == run_id, Cycle.status == "committed")
+                                   .order_by(Cycle.finished_at.desc()).limit(1))
+            query = select(Decision.action).where(Decision.run_id == run_id, Decision.action == "rollback",
+                                                  Decision.cycle_id.is_not(None))
+            if last_commit is not None:
+                query = query.where(Decision.created_at > last_commit)
+            return len(s.execute(query).all())
+
     def add_checkpoint(self, run_id: int, cycle_id: int | None, step: int, path: str | Path,
                        sha256: str, nbytes: int) -> int:
         """A complete checkpoint (its marker file written); returns its id."""
