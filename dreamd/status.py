@@ -37,15 +37,6 @@ def _open_store(cfg: Config):
     return store
 
 
-def _latest_run(store, name: str):
-    from sqlalchemy import select
-
-    from dreamd.store.models import Run
-
-    with store.read() as s:
-        return s.scalars(select(Run).where(Run.name == name).order_by(Run.id.desc()).limit(1)).first()
-
-
 def _fmt(fmt: str, value: Any) -> str:
     if value is None:
         return "-"
@@ -65,7 +56,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def print_history(cfg: Config, as_json: bool = False, limit: int = 50) -> int:
     store = _open_store(cfg)
-    run = _latest_run(store, cfg.run.name)
+    run = store.latest_run(cfg.run.name)
     if run is None:
         print(f"dreamd: no run named {cfg.run.name!r} in {store.url} yet; start one with `dreamd run`")
         return 0
@@ -135,7 +126,7 @@ def print_status(cfg: Config, as_json: bool = False) -> int:
     run_paused = False
     try:
         store = _open_store(cfg)
-        run = _latest_run(store, cfg.run.name)
+        run = store.latest_run(cfg.run.name)
         if run is not None:
             last = store.last_committed_cycle(run.id)
             run_paused = bool(run.paused)

@@ -147,7 +147,7 @@ def test_store_side(store) -> None:
     with store.read() as s:
         from sqlalchemy import select
 
-        from dreamd.store.models import Decision as Row
+        from dreamd.store.tables import Decision as Row
         got = s.execute(select(Row.action, Row.before_json, Row.after_json).order_by(Row.id)).all()
     assert [g.action for g in got] == ["rollback", "rollback", "keep"]
     assert set(got[0].before_json) == {"lr", "general_share", "examples_per_cycle"}
@@ -209,7 +209,7 @@ def test_rollback_and_halt_in_real_cycles(tmp_path: Path) -> None:
     with again.store.read() as s:
         from sqlalchemy import func, select
 
-        from dreamd.store.models import Eval
+        from dreamd.store.tables import Eval
         n_baseline = s.scalar(select(func.count()).select_from(Eval).where(Eval.cycle_id.is_(None)))
     assert n_baseline == len(baseline)
     again.store.close()

@@ -134,7 +134,7 @@ def test_store_round_trip_and_open_reuses(store) -> None:
     with store.read() as s:
         from sqlalchemy import func, select
 
-        from dreamd.store.models import Scenario as Row
+        from dreamd.store.tables import ScenarioRow as Row
         assert s.scalar(select(func.count()).select_from(Row).where(Row.status == "probe")) == len(made.probes)
     # a second run gets the same probes (fixed seed); stored as probes pointing at the first copies
     run2 = store.start_run("r2", {}, "m", 0)

@@ -27,8 +27,8 @@ from sqlalchemy.exc import IntegrityError
 from dreamd.dream.scenario import Scenario, ScenarioKind
 from dreamd.errors import UsageError
 from dreamd.store import Store, db, head_revision
-from dreamd.store.models import PIVOTED_METRICS, SCENARIO_KINDS, Base, TrainStep
-from dreamd.store.models import Scenario as ScenarioRow
+from dreamd.store.tables import PIVOTED_METRICS, SCENARIO_KINDS, Base, TrainStep
+from dreamd.store.tables import ScenarioRow
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "sql.md"

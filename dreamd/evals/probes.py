@@ -39,8 +39,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
-
 from dreamd.dream.grammar import LEX
 from dreamd.dream.scenario import Message, Scenario, ScenarioKind, normalize_text
 
@@ -323,24 +321,15 @@ class Disjointness:
 def check_disjoint(store: Any, run_id: int, cycle_id: int | None, probes: ProbeSet) -> Disjointness:
     """Hash every scenario trained in `cycle_id` (every one of the run when None) and compare
     with the probes: conversation hash, content hash, and held-out domain."""
-    from dreamd.store.models import Scenario as ScenarioRow, StepExample, TrainStep
-
-    query = (select(ScenarioRow.id, ScenarioRow.messages_json, ScenarioRow.target, ScenarioRow.meta_json)
-             .join(StepExample, StepExample.scenario_id == ScenarioRow.id)
-             .join(TrainStep, TrainStep.id == StepExample.step_id)
-             .where(TrainStep.run_id == run_id).distinct())
-    if cycle_id is not None:
-        query = query.where(TrainStep.cycle_id == cycle_id)
     prompts, contents = probes.prompt_hashes, probes.content_hashes
     overlaps, heldout, checked = [], [], 0
-    with store.read() as s:
-        for sid, messages, target, meta in s.execute(query):
-            checked += 1
-            trained = Scenario(kind=ScenarioKind.GENERAL, source="store", messages=messages, target=target)
-            if prompt_hash(messages) in prompts or trained.content_hash in contents:
-                overlaps.append(sid)
-            if (meta or {}).get("domain") in HELDOUT_DOMAINS:
-                heldout.append(sid)
+    for sid, messages, target, meta in store.trained_scenarios(run_id, cycle_id):
+        checked += 1
+        trained = Scenario(kind=ScenarioKind.GENERAL, source="store", messages=messages, target=target)
+        if prompt_hash(messages) in prompts or trained.content_hash in contents:
+            overlaps.append(sid)
+        if (meta or {}).get("domain") in HELDOUT_DOMAINS:
+            heldout.append(sid)
     return Disjointness(checked, sorted(overlaps), sorted(heldout))
 
 
@@ -360,30 +349,20 @@ def store_probes(store: Any, run_id: int, probes: ProbeSet) -> ProbeSet:
 
 def load_probes(store: Any, run_id: int) -> ProbeSet | None:
     """The run's stored probes (in the order they were drawn), or None when it has none."""
-    from dreamd.store.models import Scenario as ScenarioRow
-
-    with store.read() as s:
-        rows = s.execute(select(ScenarioRow).where(ScenarioRow.run_id == run_id, ScenarioRow.status == "probe")
-                         .order_by(ScenarioRow.id)).scalars().all()
-        out = ProbeSet()
-        for row in rows:
-            meta = dict(row.meta_json or {})
-            rec = meta.pop("probe")
-            scenario = Scenario(kind=row.kind, source=row.source, messages=list(row.messages_json),
-                                target=row.target, spec=row.spec, meta=meta)
-            out.probes.append(Probe(rec["family"], scenario, dispreferred=rec.get("dispreferred"),
-                                    direction=rec.get("direction"), wrong_answer=rec.get("wrong_answer"),
-                                    attention=bool(rec.get("attention")), scenario_id=row.id))
+    out = ProbeSet()
+    for scenario_id, scenario in store.probe_scenarios(run_id):
+        rec = scenario.meta.pop("probe")
+        out.probes.append(Probe(rec["family"], scenario, dispreferred=rec.get("dispreferred"),
+                                direction=rec.get("direction"), wrong_answer=rec.get("wrong_answer"),
+                                attention=bool(rec.get("attention")), scenario_id=scenario_id))
     return out if out.probes else None
 
 
 def taken_in_store(store: Any) -> Callable[[str], bool]:
     """`taken` for build_probe_set: the content is stored as anything but a probe."""
-    from dreamd.store.models import Scenario as ScenarioRow
 
     def taken(content_hash: str) -> bool:
-        with store.read() as s:
-            status = s.scalar(select(ScenarioRow.status).where(ScenarioRow.content_hash == content_hash))
+        status = store.scenario_status(content_hash)
         return status is not None and status != "probe"
 
     return taken
