@@ -11,7 +11,7 @@ controller, checkpoints), in two processes at once (one CPU thread each):
   balanced     the default mix: accept : pushback : derail = 1 : 1 : 0.25, general share 0.25
   accept_only  the ablation: pushback weight 0 (the design's warning: a sycophant)
 
-Settings for a random-init model (it must learn the template language itself, which DESIGN.md's
+Settings for a random-init model (it must learn the template language itself, which the
 lr of 1e-5 for pretrained models would not do in minutes): lr 3e-3 (the demo config's lr_max),
 AdamW-sized APOLLO steps (rank 16), 256 examples per cycle and the controller's example bounds
 scaled to match (128..512; the design's 20..50 are for pretrained models, where 10-50

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 from dreamd.controller import ControllerDecision, decide
 from dreamd.errors import ControllerHalt, CycleFailed
 from dreamd.log import get_logger
-from dreamd.mix import kind_quotas
 from dreamd.run import Run, RunState
-from dreamd.train.batching import make_batches
 from dreamd.train.examples import Encoded, encode_scenario
+from dreamd.train.mix import kind_quotas, make_batches
 
 if TYPE_CHECKING:
     from dreamd.engines.window import TrainingWindow

@@ -100,7 +100,7 @@ class Daemon:
 
     def _on_phase(self, name: str, cycle_id: int | None) -> None:
         if name == "train":
-            from dreamd.train.batching import batch_sizes
+            from dreamd.train.mix import batch_sizes
 
             steps = len(batch_sizes(self.state.settings.examples_per_cycle, self.cfg.train.batch_size))
             self.progress.start(self.state.cycle + 1, steps)
@@ -241,7 +241,7 @@ class Daemon:
         temp dir and never touched the previous checkpoint, and run_cycle marked the cycle
         failed. Say so in one line and exit 1: systemd restarts the service (Restart=on-failure)
         and the restart resumes from the previous checkpoint once there is room."""
-        from dreamd.service.checkpoint import read_manifest
+        from dreamd.train.checkpoint import read_manifest
 
         run = self.current
         latest = run.checkpoints.latest()

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from dreamd.engines.window import TrainingWindow
     from dreamd.evals.probes import HeldOutDreamer
     from dreamd.evals.suite import ProbeSuite
-    from dreamd.service.checkpoint import CheckpointDir, LoadedCheckpoint
+    from dreamd.train.checkpoint import CheckpointDir, LoadedCheckpoint
     from dreamd.store.record import Store
     from dreamd.train.trainer import StepResult, Trainer
 
@@ -178,7 +178,7 @@ class Run:
         (already recorded, with the metrics behind it): the retry gets its slower settings.
         Otherwise (a failed cycle) the rollback is recorded here."""
         from dreamd.models import load_model
-        from dreamd.service.checkpoint import load_checkpoint
+        from dreamd.train.checkpoint import load_checkpoint
         from dreamd.train.trainer import Trainer
 
         latest = self.checkpoints.latest()
@@ -225,7 +225,7 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     from dreamd.engines.select import make_engine
     from dreamd.evals.suite import ProbeSuite
     from dreamd.models import apply_threads, load_model, resolve_device
-    from dreamd.service.checkpoint import CheckpointDir, load_checkpoint
+    from dreamd.train.checkpoint import CheckpointDir, load_checkpoint
     from dreamd.store.record import Store
     from dreamd.train.trainer import Trainer
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamd.config import Config
+from dreamd.files import write_atomic
 
 STATUS_FILE = "status.json"
 
@@ -71,10 +72,7 @@ def print_history(cfg: Config, as_json: bool = False, limit: int = 50) -> int:
 
 def write_status(state_dir: Path, **fields: Any) -> None:
     """The daemon's live status (atomic replace; read by `dreamd status`)."""
-    path = Path(state_dir) / STATUS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fields, default=str))
-    tmp.replace(path)
+    write_atomic(Path(state_dir) / STATUS_FILE, json.dumps(fields, default=str), durable=False)
 
 
 def read_status(state_dir: Path) -> dict[str, Any] | None:

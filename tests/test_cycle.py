@@ -14,7 +14,6 @@ from sqlalchemy import text
 
 from dreamd.config import load_config
 from dreamd.cycle import run_cycle
-from tests.conftest import init_setup
 from dreamd.run import open_run
 
 FAST = {  # small cycles: 8 examples in 2 batches of 4, cheap evaluation
@@ -23,12 +22,6 @@ FAST = {  # small cycles: 8 examples in 2 batches of 4, cheap evaluation
     "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "256",
 }
 
-
-@pytest.fixture(scope="session")
-def setup_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("init")
-    init_setup(root)
-    return root
 
 
 def config_for(setup_dir: Path, state: Path, store_url: str | None = None):

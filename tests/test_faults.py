@@ -25,14 +25,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from dreamd.service.checkpoint import complete_checkpoints, read_manifest, verify_checkpoint
+from dreamd.train.checkpoint import complete_checkpoints, read_manifest, verify_checkpoint
 from tests.daemon_process import (
     DaemonProcess,
     child_env,
     cli,
     cli_status,
-    daemons,
-    setup_dir,
     sqlite_url,
     store_rows,
     wait_until,

@@ -26,7 +26,6 @@ from dreamd.dream.scenario import Scenario
 from dreamd.dream.screen import Screener
 from dreamd.dream.screen_rules import add_dream_rules
 from dreamd.dream.templates import TemplateDreamer
-from tests.conftest import init_setup
 from dreamd.run import open_run
 from dreamd.store import Store
 
@@ -196,12 +195,6 @@ def test_screener_orders_exact_before_near_duplicates(store: Store) -> None:
 FAST = {"DREAMD_MIX__EXAMPLES_PER_CYCLE": "8", "DREAMD_EVAL__ARITHMETIC_N": "4",
         "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "256"}
 
-
-@pytest.fixture(scope="module")
-def setup_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("init")
-    init_setup(root)
-    return root
 
 
 def test_near_duplicates_never_pass_after_a_restart(setup_dir: Path, tmp_path: Path) -> None:

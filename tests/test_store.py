@@ -226,7 +226,7 @@ def test_read_then_write_waits_instead_of_sqlite_busy(tmp_path: Path) -> None:
     store.upgrade()
     run_id = store.start_run("r", "{}", "/m", 0)
 
-    # The trap (FACTS.md): a deferred transaction reads, another connection commits a write,
+    # The trap (sqlite.org/isolation.html, SQLITE_BUSY_SNAPSHOT): a deferred transaction reads, another connection commits a write,
     # the first one's write fails at once with SQLITE_BUSY although busy_timeout is 10 s.
     a = sqlite3.connect(path, isolation_level=None, timeout=10)
     b = sqlite3.connect(path, isolation_level=None, timeout=10)

@@ -1,7 +1,7 @@
 """Recording a run: the rows the cycle writes, and the summaries people read.
 
 Every write is its own short transaction, committed when the call returns, so a crash loses at
-most the call in progress (FACTS.md: committed rows survive SIGKILL). Reads use read-only
+most the call in progress (a committed SQLite WAL transaction survives SIGKILL). Reads use read-only
 transactions that never wait for the writer.
 
     store = Store.open(cfg.store_url, cfg.store.busy_timeout_ms, cfg.store.connect_retries)
