@@ -119,3 +119,12 @@ def test_the_controller_is_pure() -> None:
     graph = import_graph(PACKAGE)
     assert not {m for m in graph["dreamd.controller"]
                 if m in ("dreamd.cycle", "dreamd.run", "dreamd.daemon") or m.startswith("dreamd.store")}
+
+
+def test_evals_depend_on_the_engine_interface_not_on_a_concrete_engine() -> None:
+    """Evals render and score prompts through engines/chat.py and talk to engines/base.py's
+    interface; they never import engines/hf.py or engines/vllm.py."""
+    graph = import_graph(PACKAGE)
+    concrete = {"dreamd.engines.hf", "dreamd.engines.vllm", "dreamd.engines.vllm_compat"}
+    found = {m: sorted(graph[m] & concrete) for m in graph if m.startswith("dreamd.evals.") and graph[m] & concrete}
+    assert found == {}

@@ -42,9 +42,9 @@ import torch
 
 from dreamd.dream.scenario import Message, Scenario
 from dreamd.engines.base import Completion, Sampling
-from dreamd.engines.hf import encode_chat, eval_mode
+from dreamd.engines.chat import encode_chat, end_of_turn_ids, eval_mode
 from dreamd.evals.probes import Probe, ProbeSet
-from dreamd.train.examples import encode_scenario, end_of_turn_ids
+from dreamd.train.examples import encode_scenario
 
 Q1_MAX_TOKENS = 96
 """Generation budget of a Q1 reply. Probe targets are <= 280 characters (probes.py), ~60-80
