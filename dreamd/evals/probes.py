@@ -283,7 +283,8 @@ class HeldOutDreamer:
     template or procedural draw from a held-out domain is drawn again (it costs one rng draw,
     like the dreamer picking another domain), so those draws never become stored rejections.
     Model-written scenarios are never dropped: they reach screening, and `screen_rule` rejects
-    them with the reason stored. Everything else is the wrapped dreamer's."""
+    them with the reason stored. A plain composition: `observe` and `spec` are handed to the
+    wrapped dreamer explicitly, nothing else is."""
 
     REDRAWS = 64
     """Draws per request before handing a held-out one to screening (4 of 16 domains are held
@@ -300,8 +301,13 @@ class HeldOutDreamer:
                 return scenario
         return scenario
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    def observe(self, scenario: Scenario, ok: bool) -> None:
+        """How the candidate fared (the wrapped model dreamer adapts its temperature)."""
+        self.inner.observe(scenario, ok)
+
+    @property
+    def spec(self) -> str | None:
+        return self.inner.spec
 
 
 @dataclass(frozen=True)
