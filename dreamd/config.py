@@ -434,7 +434,7 @@ class ScheduleConfig(Section):
 
     @model_validator(mode="after")
     def _parse_times(self) -> ScheduleConfig:
-        from dreamd.service.timespec import parse_crontab, parse_window, resolve_timezone
+        from dreamd.timespec import parse_crontab, parse_window, resolve_timezone
 
         if self.every_minutes and self.at:
             raise ValueError("set either every_minutes or at, not both")

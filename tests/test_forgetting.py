@@ -10,7 +10,7 @@ import torch
 
 from dreamd.config import EvalConfig, ModelConfig
 from dreamd.engines.base import Sampling
-from dreamd.engines.chat import encode_chat
+from dreamd.chat import encode_chat
 from dreamd.engines.hf import TransformersEngine
 from dreamd.errors import UsageError
 from dreamd.evals.forgetting import (

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dreamd.engines.base import Engine
-from dreamd.engines.chat import prompt_logprobs
+from dreamd.chat import prompt_logprobs
 from dreamd.errors import CycleFailed
 
 DEFAULT_ATOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}

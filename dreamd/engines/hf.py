@@ -27,7 +27,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from dreamd.dream.scenario import Message
 from dreamd.engines.base import Completion, GenerationMeter, Sampling, SleepState
-from dreamd.engines.chat import encode_chat, eval_mode, generation_stop_ids, prompt_logprobs
+from dreamd.chat import encode_chat, eval_mode, generation_stop_ids, prompt_logprobs
 
 
 def decode_completion(tokenizer: PreTrainedTokenizerBase, row: list[int], stop_ids: list[int],

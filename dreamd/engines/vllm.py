@@ -33,7 +33,7 @@ from dreamd.config import EngineConfig
 from dreamd.dream.scenario import Message
 from dreamd.engines import vllm_compat as compat
 from dreamd.engines.base import Completion, GenerationMeter, Sampling, SleepState
-from dreamd.engines.chat import encode_chat, generation_stop_ids
+from dreamd.chat import encode_chat, generation_stop_ids
 from dreamd.engines.names import PushLayout, layout_for
 from dreamd.engines.vllm_compat import PushReport
 

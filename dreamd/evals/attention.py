@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dreamd.engines.chat import eval_mode
+from dreamd.chat import eval_mode
 from dreamd.evals.probes import Probe
 from dreamd.models import model_facts
 

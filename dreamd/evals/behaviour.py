@@ -42,7 +42,7 @@ import torch
 
 from dreamd.dream.scenario import Message, Scenario
 from dreamd.engines.base import Completion, Sampling
-from dreamd.engines.chat import encode_chat, end_of_turn_ids, eval_mode
+from dreamd.chat import encode_chat, end_of_turn_ids, eval_mode
 from dreamd.evals.probes import Probe, ProbeSet
 from dreamd.train.examples import encode_scenario
 

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dreamd.config import EvalConfig
 from dreamd.engines.base import Engine, Sampling
-from dreamd.engines.chat import encode_chat, eval_mode
+from dreamd.chat import encode_chat, eval_mode
 from dreamd.errors import UsageError
 
 PROBE_SEED = 0x5EED_F0E7

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from dreamd.service.timespec import parse_crontab, parse_window, resolve_timezone
+from dreamd.timespec import parse_crontab, parse_window, resolve_timezone
 
 if TYPE_CHECKING:
     from dreamd.config import ScheduleConfig

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from dreamd.dream.scenario import Scenario, ScenarioKind
-from dreamd.engines.chat import end_of_turn_ids, render_ids
+from dreamd.chat import end_of_turn_ids, render_ids
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (torch's cross_entropy default ignore_index)."""
