@@ -25,6 +25,8 @@ from dreamd.errors import CheckpointFailed
 from dreamd.log import get_logger
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from dreamd.dream.routing import RoutingDreamer
     from dreamd.dream.screen import Screener
     from dreamd.engines.base import Engine
@@ -87,8 +89,9 @@ class Run:
     cfg: Config
     store: Store
     run_id: int
-    model: Any                     # transformers PreTrainedModel (trained in place)
-    tokenizer: Any                 # transformers PreTrainedTokenizerBase
+    model: PreTrainedModel
+    """Trained in place; the transformers engine serves this very object."""
+    tokenizer: PreTrainedTokenizerBase
     engine: Engine
     trainer: Trainer
     checkpoints: CheckpointDir
