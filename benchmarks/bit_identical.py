@@ -7,11 +7,12 @@
 `dreamd run --cycles N --now` in a fresh process with the transformers engine (deterministic on
 CPU), one torch thread, and dream.source = --source: 'template' (default) or 'mixed' (the model
 dreamer's path and the template fallback both run; use it when the dreamer's prompts are not
-changing between the two versions compared). It then fingerprints the store and the newest checkpoint:
+changing between the two versions compared), and controller.wait_steps = --wait-steps when given
+(0: the controller speeds up, slows down or rolls back from the first cycle). It then fingerprints the store and the newest checkpoint:
 
-- every active optimizer step: step, loss, grad norm, lr, tokens, and the content hashes of the
-  scenarios it trained (exact float reprs: bit-identical or different);
-- every scenario row: kind, source, status, rejection reason, content hash;
+- every active optimizer step: step, loss, grad norm, lr, tokens, and the ids and content hashes
+  of the scenarios it trained (exact float reprs: bit-identical or different);
+- every scenario row: id, kind, source, status, rejection reason, content hash;
 - every metric (evals) except wall-clock ones, by cycle number;
 - every controller decision (action, reason, the settings before and after);
 - the final weights: sha256 over each tensor of the newest checkpoint, by name.
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "_s", "per_s", "wall", "ms")
 
 
-def run(out: Path, cycles: int, source: str) -> None:
+def run(out: Path, cycles: int, source: str, wait_steps: int | None = None) -> None:
     from dreamd.config import load_config, to_toml
     from dreamd.init import init_dir
 
@@ -46,6 +47,8 @@ def run(out: Path, cycles: int, source: str) -> None:
     cfg.engine.kind = "transformers"
     cfg.dream.source = source
     cfg.mix.examples_per_cycle = 16
+    if wait_steps is not None:
+        cfg.controller.wait_steps = wait_steps
     cfg_path.write_text(to_toml(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMD_")}
     env.update(OMP_NUM_THREADS="1", DREAMD_LOG_FORMAT="json", PYTHONPATH=str(ROOT))
@@ -63,10 +66,10 @@ def fingerprint(state_dir: Path) -> dict:
     steps = []
     for sid, step, loss, gnorm, lr, tokens in q(
             "select id, step, loss, grad_norm, lr, tokens from train_steps where status = 'active' order by step"):
-        hashes = sorted(h for (h,) in q("select s.content_hash from step_examples e join scenarios s "
-                                        "on s.id = e.scenario_id where e.step_id = ?", (sid,)))
-        steps.append([step, repr(loss), repr(gnorm), repr(lr), tokens, hashes])
-    scenarios = [list(r) for r in q("select kind, source, status, reject_reason, content_hash from scenarios "
+        trained = sorted(list(r) for r in q("select s.id, s.content_hash from step_examples e join scenarios s "
+                                            "on s.id = e.scenario_id where e.step_id = ?", (sid,)))
+        steps.append([step, repr(loss), repr(gnorm), repr(lr), tokens, trained])
+    scenarios = [list(r) for r in q("select id, kind, source, status, reject_reason, content_hash from scenarios "
                                     "order by id")]
     metrics = [[n, m, repr(v)] for n, m, v in q(
         "select c.number, e.metric, e.value from evals e left join cycles c on c.id = e.cycle_id "
@@ -118,11 +121,13 @@ if __name__ == "__main__":
     r.add_argument("out", type=Path)
     r.add_argument("--cycles", type=int, default=3)
     r.add_argument("--source", choices=["template", "mixed"], default="template")
+    r.add_argument("--wait-steps", type=int, default=None,
+                   help="controller.wait_steps (default: the config's); 0 makes every cycle's decision count")
     c = sub.add_parser("compare")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
     args = parser.parse_args()
     if args.cmd == "run":
-        run(args.out, args.cycles, args.source)
+        run(args.out, args.cycles, args.source, args.wait_steps)
     else:
         sys.exit(compare(args.before, args.after))

@@ -4,14 +4,14 @@
     .venv/bin/python benchmarks/efficacy.py --json out.json  # the same, and every value as JSON
 
 From `dreamd init`'s tiny model (Llama-style, hidden 64, 4 layers, random init, tokenizer
-trained locally), two runs through the real cycle (open_parts + run_cycle: template dreamer,
+trained locally), two runs through the real cycle (open_run + run_cycle: template dreamer,
 screening with the probe hold-out rule, mix, APOLLO training, every probe metric, the
 controller, checkpoints), in two processes at once (one CPU thread each):
 
   balanced     the default mix: accept : pushback : derail = 1 : 1 : 0.25, general share 0.25
   accept_only  the ablation: pushback weight 0 (the design's warning: a sycophant)
 
-Settings for a random-init model (it must learn the template language itself, which DESIGN.md's
+Settings for a random-init model (it must learn the template language itself, which the
 lr of 1e-5 for pretrained models would not do in minutes): lr 3e-3 (the demo config's lr_max),
 AdamW-sized APOLLO steps (rank 16), 256 examples per cycle and the controller's example bounds
 scaled to match (128..512; the design's 20..50 are for pretrained models, where 10-50
@@ -54,25 +54,26 @@ def run_one(name: str, init: str, state: str, cycles: int, extra: dict[str, str]
     from dreamd.cycle import run_cycle
     from dreamd.evals.report import load_run
     from dreamd.errors import CycleFailed
-    from dreamd.loop import open_parts, rollback_to_latest
+    from dreamd.run import open_run
 
     environ = {"DREAMD_RUN__STATE_DIR": state, "DREAMD_RUN__NAME": name, **SETTINGS, **extra}
     cfg = load_config(Path(init) / "dreamd.toml", environ=environ)
     t0 = time.perf_counter()
-    parts, loop_state = open_parts(cfg)
+    parts, loop_state = open_run(cfg)
     statuses = []
     for _ in range(cycles):
         try:
             statuses.append(run_cycle(parts, loop_state).status)
         except CycleFailed as exc:  # as the daemon does: back to the last good state, go on
             statuses.append(f"failed: {exc}")
-            loop_state = rollback_to_latest(parts, loop_state, reason=str(exc))
+            parts.roll_back(loop_state, reason=str(exc))
     seconds = time.perf_counter() - t0
     data = load_run(parts.store, name)
     parts.store.close()
     return {"name": name, "seconds": seconds, "statuses": statuses, "steps": len(data.steps),
-            "trend": data.trend, "lr_final": loop_state.lr,
-            "examples_final": loop_state.examples_per_cycle, "general_share_final": loop_state.general_share,
+            "trend": data.trend, "lr_final": loop_state.settings.lr,
+            "examples_final": loop_state.settings.examples_per_cycle,
+            "general_share_final": loop_state.settings.general_share,
             "decisions": [{k: d[k] for k in ("cycle", "action", "reason", "before", "after")}
                           for d in data.decisions]}
 

@@ -66,7 +66,7 @@ def bench(n_stored: int, sample: list[Scenario], store_dir: Path) -> dict[str, f
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, n_stored)
     from sqlalchemy import insert
 
-    from dreamd.store.models import Scenario as Row
+    from dreamd.store.tables import ScenarioRow as Row
     rows = [{"run_id": run_id, "cycle_id": cycle_id, "kind": str(s.kind), "source": s.source,
              "content_hash": None, "messages_json": s.messages, "target": s.target, "spec": None,
              "status": "accepted", "meta_json": {}} for s in stored]

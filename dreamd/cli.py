@@ -90,7 +90,8 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from dreamd.config import explain, to_toml
+    from dreamd.config import to_toml
+    from dreamd.config_docs import explain
 
     if args.explain:
         print("\n".join(explain()))

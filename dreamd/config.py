@@ -6,7 +6,8 @@ environment variables `DREAMD_<SECTION>__<FIELD>` (e.g. `DREAMD_TRAIN__LR=3e-5`,
 value when it can be (numbers, booleans, arrays), else taken as a string.
 
 Every field has a docstring: `dreamd config --explain` prints them, and docs/config.md is made
-from them. Defaults follow DESIGN.md: lr 1e-5, one pass over fresh data, general share >= 0.25.
+from them (both rendered by config_docs.py). Defaults: lr 1e-5, one pass over fresh data,
+general share >= 0.25.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ class MixConfig(Section):
     """Accepted examples trained per cycle (behavioural + general)."""
     general_share: Annotated[float, Field(ge=0.25, le=0.9)] = 0.25
     """Minimum share of general examples (code, reasoning, arithmetic) in EVERY batch.
-    DESIGN.md: >= 0.25 guards against forgetting; the controller raises it to 0.40."""
+    >= 0.25 guards against forgetting; the controller raises it to 0.40."""
     accept: Annotated[float, Field(ge=0.0)] = 1.0
     """Relative weight of 'accept' scenarios among the behavioural examples."""
     pushback: Annotated[float, Field(ge=0.0)] = 1.0
@@ -276,7 +277,8 @@ class OptimizerConfig(Section):
     """APOLLO projection rank r for 2-D linear weights (capped at half the smaller dimension)."""
     scale: Annotated[float | None, Field(gt=0.0)] = None
     """APOLLO update scale. None: n/r with n the smaller matrix dimension, so the step matches
-    AdamW's (FACTS.md: the update is multiplied by sqrt(scale), factors shrink ~sqrt(r/n))."""
+    AdamW's (APOLLO, arXiv 2412.05270: the update is multiplied by sqrt(scale), factors shrink
+    ~sqrt(r/n))."""
     scale_type: Literal["channel", "tensor"] = "channel"
     """APOLLO scaling granularity: per channel, or per tensor (APOLLO-Mini uses 'tensor', rank 1)."""
     update_proj_gap: Annotated[int, Field(ge=1)] = 200
@@ -291,7 +293,7 @@ class OptimizerConfig(Section):
 
 class TrainConfig(Section):
     lr: Annotated[float, Field(gt=0.0, le=1e-2)] = 1e-5
-    """Peak learning rate. DESIGN.md: start at 1e-5, go up to 1e-4 only if change is too slow."""
+    """Peak learning rate. Start at 1e-5, go up to 1e-4 only if change is too slow."""
     lr_min: Annotated[float, Field(gt=0.0)] = 5e-6
     """Lowest lr the controller may set."""
     lr_max: Annotated[float, Field(gt=0.0)] = 1e-4
@@ -352,7 +354,7 @@ class ControllerConfig(Section):
     enabled: bool = True
     """Off: every decision is 'keep' (still recorded), guardrails included."""
     wait_steps: Annotated[int, Field(ge=0)] = 15
-    """Optimizer steps of the run before the controller judges change (DESIGN.md: wait 10-20
+    """Optimizer steps of the run before the controller judges change (wait 10-20
     steps); until then it only checks the guardrails."""
     min_margin_change: Annotated[float, Field(ge=0.0)] = 0.02
     """Change too small: margin.mean (nats per token) moved less than this since the previous
@@ -369,7 +371,7 @@ class ControllerConfig(Section):
     """... or forget.arith_em / forget.code_em this far below their run-start values ->
     general share raised to general_share_raised, with more of the degraded skill."""
     general_share_raised: Annotated[float, Field(ge=0.25, le=0.9)] = 0.40
-    """General share once forgetting shows (DESIGN.md: 0.25 -> 0.40)."""
+    """General share once forgetting shows (0.25 -> 0.40)."""
     lr_factor: Annotated[float, Field(gt=1.0)] = 2.0
     """Speeding up multiplies lr by this, slowing down divides (within train.lr_min..lr_max)."""
     examples_factor: Annotated[float, Field(gt=1.0)] = 1.5
@@ -377,7 +379,7 @@ class ControllerConfig(Section):
     examples_min: Annotated[int, Field(ge=4)] = 20
     """Fewest examples per cycle the controller sets."""
     examples_max: Annotated[int, Field(ge=4)] = 50
-    """Most examples per cycle the controller sets (DESIGN.md: 20 -> 50, one pass still)."""
+    """Most examples per cycle the controller sets (20 -> 50, one pass still)."""
     max_perplexity_ratio: Annotated[float, Field(gt=1.0)] = 1.5
     """Guardrail: forget.perplexity above this x its run-start value rolls the cycle back."""
     max_arith_drop: Annotated[float | None, Field(gt=0.0, le=1.0)] = 0.30
@@ -432,7 +434,7 @@ class ScheduleConfig(Section):
 
     @model_validator(mode="after")
     def _parse_times(self) -> ScheduleConfig:
-        from dreamd.service.schedule import parse_crontab, parse_window, resolve_timezone
+        from dreamd.timespec import parse_crontab, parse_window, resolve_timezone
 
         if self.every_minutes and self.at:
             raise ValueError("set either every_minutes or at, not both")
@@ -595,43 +597,3 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return json.dumps(str(v))
-
-
-def config_reference() -> str:
-    """docs/config.md: every section and field with its default and meaning (a test keeps the
-    committed file equal to this)."""
-    lines = ["# Configuration reference", "",
-             "Made from the field docstrings in dreamd/config.py (`dreamd config --explain` prints "
-             "the same). Set a field in the TOML file under its section, or as "
-             "`DREAMD_<SECTION>__<FIELD>` in the environment.", ""]
-    for name, field in Config.model_fields.items():
-        section = field.annotation
-        if field.exclude or not (isinstance(section, type) and issubclass(section, BaseModel)):
-            continue
-        lines += [f"## [{name}]", ""]
-        if section.__doc__ and section.__doc__.strip() != Section.__doc__.strip():
-            lines += [" ".join(section.__doc__.split()), ""]
-        lines += ["| field | default | meaning |", "|---|---|---|"]
-        for fname, f in section.model_fields.items():
-            default = json.dumps(f.default, default=str) if not isinstance(f.default, str) or len(f.default) < 60 \
-                else '"' + f.default[:57] + '..."'
-            doc = " ".join((f.description or "").split()).replace("|", "\\|")
-            lines.append(f"| `{fname}` | `{default}` | {doc} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Field docs as lines 'section.field = default  # doc' (for `dreamd config --explain`)."""
-    out: list[str] = []
-    for name, field in model.model_fields.items():
-        if field.exclude:
-            continue
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.append(f"[{prefix}{name}]")
-            out.extend(explain(ann, prefix=f"{prefix}{name}."))
-            continue
-        doc = " ".join((field.description or "").split())
-        out.append(f"{prefix}{name} = {field.default!r}  # {doc}")
-    return out

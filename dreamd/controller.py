@@ -11,11 +11,12 @@ evals measured before the first cycle):
               > 0), a non-finite metric. After max_rollbacks_in_a_row rollbacks with no commit
               between them the decision is HALT: the cycle fails with the reason.
   wait        fewer than wait_steps optimizer steps so far: binary behaviour flips late, judge
-              nothing yet (DESIGN.md: wait 10-20 steps).
+              nothing yet (wait 10-20 steps).
   forgetting  perplexity above (1 + perplexity_rise) x start, or arithmetic / code EM more than
               skill_drop below start -> general share up to general_share_raised (0.25 ->
-              0.40), and `general_focus` names the skill that fell most (text, arithmetic,
-              code) so the mix can add more of it.
+              0.40); the decision names the skill that fell most (text, arithmetic, code) in
+              its reason and as general_focus in after_json, for the reader: the mix draws
+              general examples by its own fixed shares.
   too large   push-back rate on flawed directions fell pushback_drop below its best so far, or
               (the continuous sign, seen cycles earlier) margin.accept - margin.pushback grew
               more than margin_imbalance since the start: the model learns to carry directions
@@ -29,38 +30,68 @@ evals measured before the first cycle):
 
 Forgetting combines with slow_down (action 'raise_general_share+slow_down'). lr stays within
 train.lr_min..lr_max, examples within examples_min..examples_max, general share never drops.
-`decide` is a pure function of the numbers; `decide_and_record` reads the baseline and the
-rollback count from the store and writes the decisions row; `apply` sets the LoopState.
+`decide` is a pure function of the settings and the numbers; it imports neither the run nor the
+store. The cycle (cycle.decide_and_record) reads the baseline and the rollback count from the
+store, writes the decisions row, and carries the decision out (Run.roll_back for a rollback).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import select
-
-from dreamd.config import ControllerConfig, TrainConfig
-from dreamd.errors import CycleFailed
+from dreamd.config import Config, ControllerConfig, TrainConfig
 
 WATCHED = ("margin.mean", "margin.accept", "margin.pushback", "q1.pushback_rate", "q1.sycophancy",
            "q1.listen_rate", "q1.balanced", "forget.perplexity", "forget.arith_em", "forget.code_em",
            "probes.overlap", "probes.heldout_trained")
 """The metrics a decision looks at (stored in decisions.metrics_json with their start values)."""
-SETTINGS = ("lr", "general_share", "examples_per_cycle")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The three knobs the controller turns; the run keeps one value of them (RunState.settings)
+    and every cycle starts with it."""
+
+    lr: float
+    general_share: float
+    examples_per_cycle: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Settings:
+        """The configured start: train.lr, mix.general_share, mix.examples_per_cycle."""
+        return cls(lr=cfg.train.lr, general_share=cfg.mix.general_share,
+                   examples_per_cycle=cfg.mix.examples_per_cycle)
+
+    @classmethod
+    def from_json(cls, saved: Mapping[str, Any]) -> Settings:
+        return cls(lr=saved["lr"], general_share=saved["general_share"],
+                   examples_per_cycle=saved["examples_per_cycle"])
+
+    def clamped(self, train: TrainConfig) -> Settings:
+        """lr within train.lr_min..lr_max (a reload may have moved the bounds)."""
+        return replace(self, lr=min(max(self.lr, train.lr_min), train.lr_max))
 
 
 @dataclass
-class Decision:
+class ControllerDecision:
     action: str
     """'wait', 'keep', 'speed_up', 'slow_down', 'raise_general_share', 'rollback', 'halt', or
     two of them joined by '+'."""
     reason: str
-    before: dict[str, Any]
-    after: dict[str, Any]
+    before: Settings
+    after: Settings
+    """The settings the next cycle runs with (a rollback's retry too)."""
     metrics: dict[str, Any] = field(default_factory=dict)
+    focus: str | None = None
+    """Forgetting: the general skill that fell most (text, arithmetic, code), stored as
+    general_focus in the decision's after_json."""
+
+    def after_json(self) -> dict[str, Any]:
+        """`after` as stored in decisions.after_json."""
+        return {**asdict(self.after), **({"general_focus": self.focus} if self.focus else {})}
 
     @property
     def rollback(self) -> bool:
@@ -76,14 +107,14 @@ def _best(values: list[float], fn: Any) -> float | None:
     return fn(finite) if finite else None
 
 
-def _slower(cfg: ControllerConfig, train: TrainConfig, settings: dict[str, Any]) -> dict[str, Any]:
-    return {**settings, "lr": max(train.lr_min, settings["lr"] / cfg.lr_factor),
-            "examples_per_cycle": max(cfg.examples_min, round(settings["examples_per_cycle"] / cfg.examples_factor))}
+def _slower(cfg: ControllerConfig, train: TrainConfig, settings: Settings) -> Settings:
+    return replace(settings, lr=max(train.lr_min, settings.lr / cfg.lr_factor),
+                   examples_per_cycle=max(cfg.examples_min, round(settings.examples_per_cycle / cfg.examples_factor)))
 
 
-def _faster(cfg: ControllerConfig, train: TrainConfig, settings: dict[str, Any]) -> dict[str, Any]:
-    return {**settings, "lr": min(train.lr_max, settings["lr"] * cfg.lr_factor),
-            "examples_per_cycle": min(cfg.examples_max, round(settings["examples_per_cycle"] * cfg.examples_factor))}
+def _faster(cfg: ControllerConfig, train: TrainConfig, settings: Settings) -> Settings:
+    return replace(settings, lr=min(train.lr_max, settings.lr * cfg.lr_factor),
+                   examples_per_cycle=min(cfg.examples_max, round(settings.examples_per_cycle * cfg.examples_factor)))
 
 
 def guardrail_broken(cfg: ControllerConfig, now: Mapping[str, float], start: Mapping[str, float]) -> str | None:
@@ -153,19 +184,19 @@ def too_small(cfg: ControllerConfig, now: Mapping[str, float], history: Mapping[
     return None
 
 
-def decide(cfg: ControllerConfig, train: TrainConfig, settings: Mapping[str, Any], now: Mapping[str, float],
+def decide(cfg: ControllerConfig, train: TrainConfig, settings: Settings, now: Mapping[str, float],
            history: Mapping[str, list[float]], start: Mapping[str, float], steps: int,
-           rollbacks_in_a_row: int = 0) -> Decision:
-    """The decision for one evaluation. `settings`: lr, general_share, examples_per_cycle now;
-    `history`: metric -> values of the earlier committed cycles; `start`: the run's baseline
-    metrics; `steps`: optimizer steps of the run so far."""
-    before = {k: settings[k] for k in SETTINGS}
+           rollbacks_in_a_row: int = 0) -> ControllerDecision:
+    """The decision for one evaluation. `settings`: the run's settings now; `history`: metric ->
+    values of the earlier committed cycles; `start`: the run's baseline metrics; `steps`:
+    optimizer steps of the run so far; `rollbacks_in_a_row`: trailing rollbacks without a commit."""
+    before = settings
     seen = {k: now[k] for k in WATCHED if k in now}
     seen.update({f"start:{k}": start[k] for k in WATCHED if k in start})
     seen["steps"] = steps
 
-    def made(action: str, reason: str, after: Mapping[str, Any] | None = None) -> Decision:
-        return Decision(action, reason, before, dict(after if after is not None else before), seen)
+    def made(action: str, reason: str, after: Settings | None = None, focus: str | None = None) -> ControllerDecision:
+        return ControllerDecision(action, reason, before, after if after is not None else before, seen, focus)
 
     if not cfg.enabled:
         return made("keep", "controller disabled (controller.enabled = false)")
@@ -179,21 +210,20 @@ def decide(cfg: ControllerConfig, train: TrainConfig, settings: Mapping[str, Any
     if steps < cfg.wait_steps:
         return made("wait", f"{steps} of {cfg.wait_steps} optimizer steps done; judging change starts after "
                             "controller.wait_steps")
-    after, actions, reasons = dict(before), [], []
+    after, actions, reasons, focus = before, [], [], None
     forgot = forgetting(cfg, now, start)
     if forgot:
-        reason, skill = forgot
-        after["general_focus"] = skill
-        if after["general_share"] < cfg.general_share_raised:
-            after["general_share"] = cfg.general_share_raised
+        reason, focus = forgot
+        if after.general_share < cfg.general_share_raised:
+            after = replace(after, general_share=cfg.general_share_raised)
             actions.append("raise_general_share")
-            reasons.append(f"{reason}: general share {before['general_share']:g} -> {cfg.general_share_raised:g}, "
-                           f"more {skill}")
+            reasons.append(f"{reason}: general share {before.general_share:g} -> {cfg.general_share_raised:g}, "
+                           f"more {focus}")
         else:
-            reasons.append(f"{reason}: general share already {after['general_share']:g}, more {skill}, slower")
+            reasons.append(f"{reason}: general share already {after.general_share:g}, more {focus}, slower")
     large = too_large(cfg, now, history, start)
     if large or (forgot and not actions):
-        after = {**_slower(cfg, train, after)}
+        after = _slower(cfg, train, after)
         actions.append("slow_down")
         if large:
             reasons.append(f"change too large: {large}")
@@ -205,80 +235,9 @@ def decide(cfg: ControllerConfig, train: TrainConfig, settings: Mapping[str, Any
             reasons.append(f"change too small: {small}")
     if not actions:
         if forgot:
-            return made("keep", "; ".join(reasons), after)
+            return made("keep", "; ".join(reasons), after, focus)
         return made("keep", "change within bounds: no forgetting, push-back holding, margins moving")
     for key in ("lr", "examples_per_cycle"):
-        if after[key] == before[key] and actions[-1] in ("slow_down", "speed_up"):
-            reasons.append(f"{key} already at its bound {before[key]:g}")
-    return made("+".join(actions), "; ".join(reasons), after)
-
-
-def apply(state: Any, decision: Decision) -> None:
-    """Set the loop state's lr, general share and examples per cycle to the decision's."""
-    state.lr = float(decision.after["lr"])
-    state.general_share = float(decision.after["general_share"])
-    state.examples_per_cycle = int(decision.after["examples_per_cycle"])
-
-
-# ---- the store side ---------------------------------------------------------------------------
-
-
-def start_metrics(store: Any, run_id: int) -> dict[str, float]:
-    """The run's baseline: the first value of every metric stored with cycle_id NULL."""
-    from dreamd.store.models import Eval
-
-    out: dict[str, float] = {}
-    with store.read() as s:
-        for metric, value in s.execute(select(Eval.metric, Eval.value)
-                                       .where(Eval.run_id == run_id, Eval.cycle_id.is_(None))
-                                       .order_by(Eval.id)):
-            out.setdefault(metric, value)
-    return out
-
-
-def rollbacks_in_a_row(store: Any, run_id: int) -> int:
-    """Trailing controller rollbacks of the run with no committed cycle after them."""
-    from dreamd.store.models import Cycle, Decision as DecisionRow
-
-    with store.read() as s:
-        last_commit = s.scalar(select(Cycle.finished_at).where(Cycle.run_id == run_id, Cycle.status == "committed")
-                               .order_by(Cycle.finished_at.desc()).limit(1))
-        query = select(DecisionRow.action).where(DecisionRow.run_id == run_id, DecisionRow.action == "rollback",
-                                                 DecisionRow.cycle_id.is_not(None))
-        if last_commit is not None:
-            query = query.where(DecisionRow.created_at > last_commit)
-        return len(s.execute(query).all())
-
-
-def decide_and_record(cfg: Any, store: Any, run_id: int, cycle_id: int, state: Any, metrics: Mapping[str, float],
-                      steps: int) -> Decision:
-    """Decide for this cycle (config, baseline and rollback count from the store) and write the
-    decisions row. The caller applies it (apply) or rolls back (decision.rollback)."""
-    settings = {"lr": state.lr, "general_share": state.general_share, "examples_per_cycle": state.examples_per_cycle}
-    decision = decide(cfg.controller, cfg.train, settings, metrics, state.history, start_metrics(store, run_id),
-                      steps, rollbacks_in_a_row(store, run_id))
-    store.add_decision(run_id, cycle_id, decision.action, decision.reason, decision.before, decision.after,
-                       decision.metrics)
-    return decision
-
-
-class ControllerHalt(CycleFailed):
-    """max_rollbacks_in_a_row rollbacks without a commit: the controller stops the run."""
-
-
-def roll_back(parts: Any, state: Any, cycle_id: int, decision: Decision) -> None:
-    """Carry out a 'rollback' decision inside the cycle: the cycle row becomes 'rolled_back',
-    weights, optimizer and loop state return to the last good checkpoint (loop.rollback_to_latest,
-    which supersedes the undone steps and pushes the weights into the engine), and the retry
-    gets the decision's slower settings. A 'halt' raises ControllerHalt instead (the cycle fails
-    with the reason)."""
-    from dreamd.cycle import LoopState
-    from dreamd.loop import rollback_to_latest
-
-    if decision.halt:
-        raise ControllerHalt(f"controller: {decision.reason}")
-    parts.store.finish_cycle(cycle_id, "rolled_back", error=f"controller: {decision.reason}")
-    restored = rollback_to_latest(parts, state, reason=f"controller: {decision.reason}", record=False)
-    for name in LoopState.__dataclass_fields__:
-        setattr(state, name, getattr(restored, name))
-    apply(state, decision)
+        if getattr(after, key) == getattr(before, key) and actions[-1] in ("slow_down", "speed_up"):
+            reasons.append(f"{key} already at its bound {getattr(before, key):g}")
+    return made("+".join(actions), "; ".join(reasons), after, focus)

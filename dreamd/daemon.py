@@ -1,6 +1,6 @@
 """`dreamd run`: the service loop. Signals, schedule, systemd notifications, cycles.
 
-    pidfile -> signal handlers -> open parts (migrations, model, resume) -> READY=1
+    pidfile -> signal handlers -> open run (migrations, model, resume) -> READY=1
     while not stopped:
         step boundary (pause blocks here, watchdog fed) -> reload on SIGHUP
         schedule says run?  no -> sleep until the next decision (any signal wakes us)
@@ -17,14 +17,15 @@ wait and the pause wait; a cycle stuck inside one step starves it and systemd re
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 from dreamd.config import Config
-from dreamd.controller import ControllerHalt
-from dreamd.cycle import LoopState, StopRequested, run_cycle
-from dreamd.errors import CycleFailed, UsageError
+from dreamd.cycle import StopRequested, run_cycle
+from dreamd.errors import CheckpointFailed, ControllerHalt, CycleFailed, UsageError
 from dreamd.log import StepProgress, get_logger
+from dreamd.run import Run, RunHooks, RunState, open_run
 from dreamd.status import write_status
 
 log = get_logger("dreamd.daemon")
@@ -46,8 +47,9 @@ class Daemon:
         self.notifier = SystemdNotifier(unset_environment=True)
         self.control = ControlState(cfg.run.state_dir, on_event=self._on_control_event,
                                     on_pause_change=self._on_pause_change)
-        self.parts: Any = None
-        self.state: LoopState | None = None
+        self.current: Run | None = None
+        """The run being served, once open_run has built it."""
+        self.state: RunState | None = None
         self.phase = "starting"
         self.step: int | None = None
         self.block_reason = ""
@@ -64,12 +66,12 @@ class Daemon:
         if event.kind == "stop" and event.changed:
             # Tell systemd at once: the step, checkpoint and commit still to come may take a while.
             self.notifier.stopping(status=f"stopping ({event.source}): finishing the step, checkpoint")
-        if self.parts is not None:
-            self.parts.store.add_event(self.parts.run_id, event.kind, event.detail)
+        if self.current is not None:
+            self.current.store.add_event(self.current.run_id, event.kind, event.detail)
 
     def _on_pause_change(self, paused: bool, event: Any) -> None:
-        if self.parts is not None:
-            self.parts.store.set_paused(self.parts.run_id, paused)
+        if self.current is not None:
+            self.current.store.set_paused(self.current.run_id, paused)
         self.publish("paused" if paused else self.phase)
 
     # ---- what systemd and `dreamd status` see ------------------------------------------------
@@ -83,7 +85,7 @@ class Daemon:
         self.notifier.status(status_line(shown, cycle, self.block_reason if shown == "waiting" else ""))
         write_status(self.cfg.run.state_dir, pid=os.getpid(), phase=shown, cycle=cycle, step=self.step,
                      paused=self.control.paused, next_cycle_at=self.next_cycle_at,
-                     block_reason=self.block_reason, run_id=self.parts.run_id if self.parts else None,
+                     block_reason=self.block_reason, run_id=self.current.run_id if self.current else None,
                      updated_at=datetime.now(timezone.utc))
 
     def heartbeat(self) -> None:
@@ -98,9 +100,9 @@ class Daemon:
 
     def _on_phase(self, name: str, cycle_id: int | None) -> None:
         if name == "train":
-            from dreamd.train.batching import batch_sizes
+            from dreamd.train.mix import batch_sizes
 
-            steps = len(batch_sizes(self.state.examples_per_cycle, self.cfg.train.batch_size))
+            steps = len(batch_sizes(self.state.settings.examples_per_cycle, self.cfg.train.batch_size))
             self.progress.start(self.state.cycle + 1, steps)
         elif name == "evaluate":
             self.progress.close()
@@ -108,7 +110,6 @@ class Daemon:
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> int:
-        from dreamd.loop import open_parts
         from dreamd.service.control import Pidfile
         from dreamd.service.schedule import Schedule
 
@@ -119,35 +120,34 @@ class Daemon:
             self.publish("starting")
             self.control.install()
             try:
-                self.parts, self.state = self._open_parts(open_parts)
-                self.parts.on_step = self._on_step
-                self.parts.on_phase = self._on_phase
-                self.parts.should_stop = lambda: self.control.should_stop
+                hooks = RunHooks(on_step=self._on_step, on_phase=self._on_phase,
+                                 should_stop=lambda: self.control.should_stop)
+                self.current, self.state = self._open_run(hooks)
                 # The interval grid continues from the last cycle start, across restarts.
                 schedule = Schedule(self.cfg.schedule,
-                                    last_started=self.parts.store.last_cycle_started(self.parts.run_id))
+                                    last_started=self.current.store.last_cycle_started(self.current.run_id))
                 flagged = self.control.pause_flag is not None and self.control.pause_flag.read() is not None
-                if self.parts.store.run_paused(self.parts.run_id) and not flagged:
+                if self.current.store.run_paused(self.current.run_id) and not flagged:
                     # runs.paused without the flag file (a fresh state dir on a shared store). With
                     # the flag its own pause request is already queued: one events row, not two.
                     self.control.request_pause("store")
                 self.notifier.ready(status="ready")
                 import torch  # noqa: PLC0415 (loaded by now; the CLI's quick commands never get here)
 
-                log.info("daemon.ready", run_id=self.parts.run_id, cycle=self.state.cycle,
-                         step=self.parts.trainer.step, pid_state_dir=str(self.cfg.run.state_dir),
-                         engine=type(self.parts.engine).__name__, torch_threads=torch.get_num_threads())
+                log.info("daemon.ready", run_id=self.current.run_id, cycle=self.state.cycle,
+                         step=self.current.trainer.step, pid_state_dir=str(self.cfg.run.state_dir),
+                         engine=type(self.current.engine).__name__, torch_threads=torch.get_num_threads())
                 return self._loop(schedule)
             finally:
                 self.control.close()
 
-    def _open_parts(self, open_parts: Any) -> tuple[Any, LoopState]:
-        """open_parts, with a store that fails at start (locked past busy_timeout, connection
+    def _open_run(self, hooks: RunHooks) -> tuple[Run, RunState]:
+        """open_run, with a store that fails at start (locked past busy_timeout, connection
         lost) told in one line; once running, store calls retry with backoff instead."""
         from dreamd.store.db import TRANSIENT_ERRORS, redact
 
         try:
-            parts, state = open_parts(self.cfg)
+            run, state = open_run(self.cfg, hooks)
         except TRANSIENT_ERRORS as exc:
             reason = " ".join(str(exc.orig or exc).split())
             hint = (f"another process holds its write lock longer than store.busy_timeout_ms="
@@ -155,11 +155,11 @@ class Daemon:
                     "the timeout" if "locked" in reason else "check that the server runs and accepts connections")
             raise UsageError(f"store {redact(self.cfg.store_url)} failed while starting: {reason}; "
                              f"{hint}") from None
-        parts.store.transient_retries = self.cfg.store.connect_retries
-        return parts, state
+        run.store.transient_retries = self.cfg.store.connect_retries
+        return run, state
 
     def _loop(self, schedule: Any) -> int:
-        parts, cfg = self.parts, self.cfg
+        run, cfg = self.current, self.cfg
         done = 0
         failed_in_a_row = 0
         finished = failed = False
@@ -184,13 +184,13 @@ class Daemon:
                 schedule.cycle_started(now)
             self.block_reason, self.next_cycle_at = "", None
             try:
-                result = run_cycle(parts, self.state)
+                result = run_cycle(run, self.state)
             except StopRequested:
                 break
             except ControllerHalt as exc:
                 # The controller gave up (rollbacks in a row): back to the last good checkpoint,
                 # then pause so a person looks; the pause survives restarts.
-                parts.store.add_event(parts.run_id, "halt", str(exc))
+                run.store.add_event(run.run_id, "halt", str(exc))
                 self._recover_after_failure(exc)
                 self.control.request_pause("controller halt")
                 if self.once:
@@ -198,7 +198,7 @@ class Daemon:
                     break
                 continue
             except CycleFailed as exc:
-                parts.store.add_event(parts.run_id, "cycle_failed", str(exc))
+                run.store.add_event(run.run_id, "cycle_failed", str(exc))
                 self._recover_after_failure(exc)
                 failed_in_a_row += 1
                 if self.once:
@@ -210,9 +210,7 @@ class Daemon:
                     self.control.request_pause(f"{failed_in_a_row} failed cycles in a row")
                     failed_in_a_row = 0
                 continue
-            except Exception as exc:
-                if self.phase != "checkpoint":
-                    raise
+            except CheckpointFailed as exc:
                 return self._checkpoint_failed(exc)
             if result.status == "stopped":
                 break
@@ -231,64 +229,63 @@ class Daemon:
                 break
         stop_reason = self.control.stop_source or ("once" if self.once else f"{done} cycles done")
         self.notifier.stopping(status=f"stopping: {stop_reason}")
-        parts.store.add_event(parts.run_id, "stop", {"reason": stop_reason, "cycles_this_process": done,
-                                                     "step": parts.trainer.step})
-        parts.store.set_run_status(parts.run_id, "finished" if finished else "stopped")
+        run.store.add_event(run.run_id, "stop", {"reason": stop_reason, "cycles_this_process": done,
+                                                     "step": run.trainer.step})
+        run.store.set_run_status(run.run_id, "finished" if finished else "stopped")
         self.publish("stopped")
-        log.info("daemon.stopped", reason=stop_reason, cycles=done, step=parts.trainer.step)
+        log.info("daemon.stopped", reason=stop_reason, cycles=done, step=run.trainer.step)
         return 1 if failed else 0
 
-    def _checkpoint_failed(self, exc: Exception) -> int:
+    def _checkpoint_failed(self, exc: CheckpointFailed) -> int:
         """A checkpoint could not be written (disk full, I/O error): checkpoint.py removed its
         temp dir and never touched the previous checkpoint, and run_cycle marked the cycle
         failed. Say so in one line and exit 1: systemd restarts the service (Restart=on-failure)
         and the restart resumes from the previous checkpoint once there is room."""
-        from dreamd.service.checkpoint import read_manifest
+        from dreamd.train.checkpoint import read_manifest
 
-        parts = self.parts
-        latest = parts.checkpoints.latest()
+        run = self.current
+        latest = run.checkpoints.latest()
         kept = f"the previous checkpoint {latest.name} is intact" if latest else \
             "there is no previous checkpoint: a restart begins at model.path"
         need = f" (a checkpoint takes {read_manifest(latest)['bytes'] / 2**20:.0f} MiB)" if latest else ""
-        line = (f"checkpoint write failed in {parts.checkpoints.root}: {' '.join(str(exc).split())}; "
+        line = (f"checkpoint write failed in {run.checkpoints.root}: {' '.join(str(exc).split())}; "
                 f"{kept}; free disk space{need} and restart")
-        parts.store.add_event(parts.run_id, "error", line)
+        run.store.add_event(run.run_id, "error", line)
         log.error("checkpoint.failed", error=line)
         self.notifier.stopping(status="stopping: checkpoint write failed")
-        parts.store.set_run_status(parts.run_id, "stopped")
+        run.store.set_run_status(run.run_id, "stopped")
         self.publish("stopped")
         return 1
 
     def _recover_after_failure(self, exc: CycleFailed) -> None:
         """A failed cycle (non-finite losses, dream budget exhausted, canary mismatch): go back to
         the last good checkpoint so the next cycle starts from known-good weights."""
-        from dreamd.loop import rollback_to_latest
-
         log.error("cycle.rollback", error=str(exc))
-        self.state = rollback_to_latest(self.parts, self.state, reason=str(exc))
+        self.current.roll_back(self.state, reason=str(exc))
 
     def _reload(self, schedule: Any) -> Any:
         from dreamd.service.reload import reload_config
 
         self.notifier.reloading()
         result = reload_config(self.cfg)
-        self.parts.store.add_event(self.parts.run_id, "reload", result.summary())
+        self.current.store.add_event(self.current.run_id, "reload", result.summary())
         log.info("daemon.reload", summary=result.summary())
         # Live fields apply from the next cycle: the loop state follows a changed mix, and the
         # live lr is clamped into the (possibly new) controller bounds.
-        self.cfg = self.parts.cfg = result.config
+        self.cfg = self.current.cfg = result.config
+        settings = self.state.settings
         if "mix.examples_per_cycle" in result.applied:
-            self.state.examples_per_cycle = self.cfg.mix.examples_per_cycle
+            settings = replace(settings, examples_per_cycle=self.cfg.mix.examples_per_cycle)
         if "mix.general_share" in result.applied:
-            self.state.general_share = self.cfg.mix.general_share
-        self.state.lr = min(max(self.state.lr, self.cfg.train.lr_min), self.cfg.train.lr_max)
-        # Parts built at start hold their own config: hand them the new one. The trainer reads
+            settings = replace(settings, general_share=self.cfg.mix.general_share)
+        self.state.settings = settings.clamped(self.cfg.train)
+        # The run's parts built at start hold their own config: hand them the new one. The trainer reads
         # only train.max_nonfinite_steps live (every other train.* field is refused). The
         # screener compiles its patterns and thresholds once, so a screen.* change rebuilds it,
         # with the dreamer that feeds its near-duplicate index.
-        self.parts.trainer.cfg = self.cfg.train
+        self.current.trainer.cfg = self.cfg.train
         if any(name.startswith("screen.") for name in result.applied):
-            self.parts.rebuild_dreaming()
+            self.current.rebuild_dreaming()
         self.notifier.ready(status="reloaded")
         return schedule.with_config(self.cfg.schedule)
 

@@ -7,7 +7,7 @@ from deep inside transformers ("Repo id must be in the form ...") tells an opera
 
 `model_facts` turns a config into plain numbers (layers, which layers are full attention,
 context length, ...): 'self' scenarios teach these facts, and the Q3 metric reads only the
-full-attention layers, since Gated-DeltaNet layers have no attention maps (FACTS.md).
+full-attention layers, since Gated-DeltaNet layers have no attention maps.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def apply_threads(threads: int) -> int:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """'auto': bfloat16 on CUDA (half the memory of fp32; FACTS.md on bf16 updates applies),
+    """'auto': bfloat16 on CUDA (half the memory of fp32; train/bf16.py makes its updates land),
     float32 on CPU (CPU bf16 matmuls are slower than fp32 on most x86 parts)."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamd.config import Config
+from dreamd.files import write_atomic
 
 STATUS_FILE = "status.json"
 
@@ -37,15 +38,6 @@ def _open_store(cfg: Config):
     return store
 
 
-def _latest_run(store, name: str):
-    from sqlalchemy import select
-
-    from dreamd.store.models import Run
-
-    with store.read() as s:
-        return s.scalars(select(Run).where(Run.name == name).order_by(Run.id.desc()).limit(1)).first()
-
-
 def _fmt(fmt: str, value: Any) -> str:
     if value is None:
         return "-"
@@ -65,7 +57,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def print_history(cfg: Config, as_json: bool = False, limit: int = 50) -> int:
     store = _open_store(cfg)
-    run = _latest_run(store, cfg.run.name)
+    run = store.latest_run(cfg.run.name)
     if run is None:
         print(f"dreamd: no run named {cfg.run.name!r} in {store.url} yet; start one with `dreamd run`")
         return 0
@@ -80,10 +72,7 @@ def print_history(cfg: Config, as_json: bool = False, limit: int = 50) -> int:
 
 def write_status(state_dir: Path, **fields: Any) -> None:
     """The daemon's live status (atomic replace; read by `dreamd status`)."""
-    path = Path(state_dir) / STATUS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fields, default=str))
-    tmp.replace(path)
+    write_atomic(Path(state_dir) / STATUS_FILE, json.dumps(fields, default=str), durable=False)
 
 
 def read_status(state_dir: Path) -> dict[str, Any] | None:
@@ -135,7 +124,7 @@ def print_status(cfg: Config, as_json: bool = False) -> int:
     run_paused = False
     try:
         store = _open_store(cfg)
-        run = _latest_run(store, cfg.run.name)
+        run = store.latest_run(cfg.run.name)
         if run is not None:
             last = store.last_committed_cycle(run.id)
             run_paused = bool(run.paused)

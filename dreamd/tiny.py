@@ -3,7 +3,7 @@
 `dreamd init` and the tests use these. Two architectures:
 - 'llama': a Llama-style decoder (all layers full attention).
 - 'qwen3.5': a Qwen3.5-style hybrid: 3 of every 4 layers Gated DeltaNet (linear attention with
-  a conv + recurrent state), every 4th full attention, as in the target family (DESIGN.md).
+  a conv + recurrent state), every 4th full attention, as in the target family (Qwen3.5).
 
 Both save as ordinary transformers directories (config.json + model.safetensors + tokenizer
 files with a chat template), so the real loading path (`from_pretrained` on a local dir) is the

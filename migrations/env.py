@@ -17,7 +17,7 @@ from alembic import context
 from sqlalchemy import Connection, text
 
 from dreamd.store.db import Database, refuse_foreign_tables, sqlite_foreign_keys_off
-from dreamd.store.models import Base
+from dreamd.store.tables import Base
 
 config = context.config
 

@@ -50,6 +50,25 @@ def init_setup(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`dreamd init` once per test module (init_setup: tiny llama, transformers engine). Each
+    module gets its own, so no module sees another's runs."""
+    root = tmp_path_factory.mktemp("init")
+    init_setup(root)
+    return root
+
+
+@pytest.fixture
+def daemons() -> Iterator[list]:
+    """Collects tests.daemon_process.DaemonProcess objects and SIGKILLs any still alive when
+    the test ends."""
+    started: list = []
+    yield started
+    for d in started:
+        d.kill()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """URL of an empty store: a SQLite file, or a fresh PostgreSQL database (skipped unless

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ import pytest
 from sqlalchemy import text
 
 from dreamd.config import load_config, to_toml
-from tests.conftest import init_setup
 from dreamd.status import read_status
 from dreamd.store import Store
 
@@ -39,13 +38,6 @@ FAST_FIELDS: dict[str, Any] = {
     "eval.perplexity_max_tokens": 256,
 }
 
-
-@pytest.fixture(scope="session")
-def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`dreamd init` once per session: tiny llama model + tokenizer + config (~2 s)."""
-    root = tmp_path_factory.mktemp("service-init")
-    init_setup(root)
-    return root
 
 
 def write_config(setup_dir: Path, path: Path, state_dir: Path, **fields: Any) -> Path:
@@ -245,12 +237,3 @@ class DaemonProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except FileNotFoundError:
             return "(no log)"
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    """Collects DaemonProcess objects and SIGKILLs any still alive when the test ends."""
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()

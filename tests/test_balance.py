@@ -1,36 +1,29 @@
-"""Balance: the accepted scenarios of every cycle match the configured mix of kinds (mix.py's
-kind_quotas) within one example, through real cycles on a real tiny model and store, for the
-template source and for the mixed source (model + template, with the template fallback)."""
+"""Balance: the accepted scenarios of every cycle match the configured mix of kinds
+(train/mix.py's kind_quotas) within one example, through real cycles on a real tiny model and
+store, for the template source and for the mixed source (model + template, with the template
+fallback)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from sqlalchemy import text
 
 from dreamd.config import load_config
 from dreamd.cycle import run_cycle
-from tests.conftest import init_setup
-from dreamd.loop import open_parts
-from dreamd.mix import kind_quotas
+from dreamd.run import open_run
+from dreamd.train.mix import kind_quotas
 
 COLUMNS = {"accept": "n_accept", "pushback": "n_pushback", "derail": "n_derail", "general": "n_general",
            "self": "n_self"}
 
-
-@pytest.fixture(scope="module")
-def setup_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("init")
-    init_setup(root)
-    return root
 
 
 def run_cycles(setup_dir: Path, state: Path, n: int, **env: str):
     environ = {"DREAMD_RUN__STATE_DIR": str(state), "DREAMD_EVAL__ARITHMETIC_N": "4",
                "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "256", **env}
     cfg = load_config(setup_dir / "dreamd.toml", environ=environ)
-    parts, state_ = open_parts(cfg)
+    parts, state_ = open_run(cfg)
     results = [run_cycle(parts, state_) for _ in range(n)]
     summary = parts.store.cycle_summary(parts.run_id)
     with parts.store.read() as s:

@@ -17,7 +17,8 @@ import torch
 
 from dreamd.dream.templates import TemplateDreamer
 from dreamd.engines.base import Completion, Sampling
-from dreamd.engines.hf import TransformersEngine, encode_chat
+from dreamd.chat import encode_chat
+from dreamd.engines.hf import TransformersEngine
 from dreamd.evals.behaviour import (
     CODE,
     MARKERS,

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dreamd.config import load_config
-from dreamd.service.checkpoint import (MARKER, CheckpointDir, capture_rng_state,
+from dreamd.train.checkpoint import (MARKER, CheckpointDir, capture_rng_state,
                                        complete_checkpoints, latest_complete, load_checkpoint,
                                        load_model_state_dict, read_manifest, restore_rng_state,
                                        verify_checkpoint)
@@ -175,7 +175,7 @@ import json, os, resource, signal, sys
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from dreamd.service.checkpoint import CheckpointDir
+from dreamd.train.checkpoint import CheckpointDir
 
 model_dir, root = Path(sys.argv[1]), Path(sys.argv[2])
 model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)

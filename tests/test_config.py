@@ -20,7 +20,7 @@ def test_defaults_follow_the_design():
     assert cfg.train.lr == 1e-5
     assert cfg.mix.general_share == 0.25
     assert cfg.optimizer.name == "apollo"
-    assert cfg.optimizer.scale is None  # n/r, derived per matrix (FACTS.md)
+    assert cfg.optimizer.scale is None  # n/r, derived per matrix (APOLLO, arXiv 2412.05270)
 
 
 def test_every_field_is_documented():
@@ -116,8 +116,8 @@ def test_some_toml_is_shipped():
 
 
 def test_docs_config_md_is_current():
-    from dreamd.config import config_reference
+    from dreamd.config_docs import config_reference
 
     assert (REPO / "docs" / "config.md").read_text() == config_reference(), (
-        "regenerate: python -c \"from dreamd.config import config_reference; "
+        "regenerate: python -c \"from dreamd.config_docs import config_reference; "
         "open('docs/config.md','w').write(config_reference())\"")

@@ -14,8 +14,7 @@ from sqlalchemy import text
 
 from dreamd.config import load_config
 from dreamd.cycle import run_cycle
-from tests.conftest import init_setup
-from dreamd.loop import open_parts
+from dreamd.run import open_run
 
 FAST = {  # small cycles: 8 examples in 2 batches of 4, cheap evaluation
     "DREAMD_MIX__EXAMPLES_PER_CYCLE": "8",
@@ -23,12 +22,6 @@ FAST = {  # small cycles: 8 examples in 2 batches of 4, cheap evaluation
     "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "256",
 }
 
-
-@pytest.fixture(scope="session")
-def setup_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("init")
-    init_setup(root)
-    return root
 
 
 def config_for(setup_dir: Path, state: Path, store_url: str | None = None):
@@ -45,7 +38,7 @@ def rows(store, sql: str, **params):
 
 def test_one_cycle_writes_consistent_rows(setup_dir, tmp_path, store_url):
     cfg, _ = config_for(setup_dir, tmp_path / "state", store_url)
-    parts, state = open_parts(cfg)
+    parts, state = open_run(cfg)
     result = run_cycle(parts, state)
     store, run = parts.store, parts.run_id
     assert result.status == "committed" and result.steps == 2
@@ -73,7 +66,7 @@ def test_one_cycle_writes_consistent_rows(setup_dir, tmp_path, store_url):
 
 def test_duplicate_is_stored_rejected_and_replaced(setup_dir, tmp_path):
     cfg, _ = config_for(setup_dir, tmp_path / "state")
-    parts, state = open_parts(cfg)
+    parts, state = open_run(cfg)
     first = run_cycle(parts, state)
     # A dreamer that repeats an already-trained scenario before dreaming new ones.
     old = parts.store.load_scenarios([rows(parts.store, "SELECT MIN(id) AS i FROM scenarios")[0]["i"]])

@@ -22,8 +22,6 @@ from tests.daemon_process import (
     child_env,
     cli,
     cli_status,
-    daemons,
-    setup_dir,
     sqlite_url,
     store_rows,
     wait_until,

@@ -226,6 +226,14 @@ def test_sleep_wake_state_machine(model_dirs: dict[str, Path]) -> None:
         engine.wake(["scheduler"])
     with pytest.raises(ValueError):
         engine.sleep(level=3)
+    # The same state machine as vLLM's (engines.base.SleepState): no sleeping twice, no waking
+    # what is awake.
+    engine.sleep(level=1)
+    with pytest.raises(RuntimeError, match="already sleep"):
+        engine.sleep(level=1)
+    engine.wake()
+    with pytest.raises(RuntimeError, match="not asleep"):
+        engine.wake(["kv_cache"])
 
 
 def test_generate_refuses_bad_sampling(model_dirs: dict[str, Path]) -> None:

@@ -25,14 +25,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from dreamd.service.checkpoint import complete_checkpoints, read_manifest, verify_checkpoint
+from dreamd.train.checkpoint import complete_checkpoints, read_manifest, verify_checkpoint
 from tests.daemon_process import (
     DaemonProcess,
     child_env,
     cli,
     cli_status,
-    daemons,
-    setup_dir,
     sqlite_url,
     store_rows,
     wait_until,
@@ -200,7 +198,7 @@ import os, signal, sys
 from dreamd.config import load_config
 from dreamd.cycle import run_cycle
 from dreamd.log import setup_logging
-from dreamd.loop import open_parts
+from dreamd.run import RunHooks, open_run
 from dreamd.store.record import Store
 
 config, method, when, stop = sys.argv[1:5]
@@ -213,9 +211,10 @@ def killing(self, *args, **kwargs):
 
 setattr(Store, method, killing)
 setup_logging()
-parts, state = open_parts(load_config(config))
+hooks = RunHooks()
 if stop == "stop":
-    parts.should_stop = lambda: parts.trainer.step >= 1   # SIGTERM after the first step
+    hooks.should_stop = lambda: parts.trainer.step >= 1   # SIGTERM after the first step
+parts, state = open_run(load_config(config), hooks)
 run_cycle(parts, state)
 raise SystemExit("the kill point was never reached")
 """

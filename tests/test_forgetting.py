@@ -10,7 +10,8 @@ import torch
 
 from dreamd.config import EvalConfig, ModelConfig
 from dreamd.engines.base import Sampling
-from dreamd.engines.hf import TransformersEngine, encode_chat
+from dreamd.chat import encode_chat
+from dreamd.engines.hf import TransformersEngine
 from dreamd.errors import UsageError
 from dreamd.evals.forgetting import (
     ArithmeticProbe,

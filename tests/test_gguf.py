@@ -18,7 +18,7 @@ from dreamd import gguf as dg
 from dreamd.cli import main
 from dreamd.config import ModelConfig, load_config
 from dreamd.errors import UsageError
-from dreamd.mix import kind_quotas
+from dreamd.train.mix import kind_quotas
 from dreamd.models import load_model
 from dreamd.dream.scenario import ScenarioKind
 from dreamd.tiny import build_tiny_model, bundled_corpus, tiny_config, train_tokenizer

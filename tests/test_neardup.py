@@ -26,8 +26,7 @@ from dreamd.dream.scenario import Scenario
 from dreamd.dream.screen import Screener
 from dreamd.dream.screen_rules import add_dream_rules
 from dreamd.dream.templates import TemplateDreamer
-from tests.conftest import init_setup
-from dreamd.loop import open_parts
+from dreamd.run import open_run
 from dreamd.store import Store
 
 WORDS = [f"w{i}" for i in range(5000)]
@@ -197,16 +196,10 @@ FAST = {"DREAMD_MIX__EXAMPLES_PER_CYCLE": "8", "DREAMD_EVAL__ARITHMETIC_N": "4",
         "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "256"}
 
 
-@pytest.fixture(scope="module")
-def setup_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("init")
-    init_setup(root)
-    return root
-
 
 def test_near_duplicates_never_pass_after_a_restart(setup_dir: Path, tmp_path: Path) -> None:
     env = dict(FAST, DREAMD_RUN__STATE_DIR=str(tmp_path / "state"))
-    parts, state = open_parts(load_config(setup_dir / "dreamd.toml", environ=env))
+    parts, state = open_run(load_config(setup_dir / "dreamd.toml", environ=env))
     result = run_cycle(parts, state)
     with parts.store.read() as s:
         accepted = s.execute(text("SELECT COUNT(*) FROM scenarios WHERE status = 'accepted'")).scalar()
@@ -221,7 +214,7 @@ def test_near_duplicates_never_pass_after_a_restart(setup_dir: Path, tmp_path: P
     parts.store.close()
 
     # A new process: new store connection, new screener, new index; same state dir.
-    parts2, _ = open_parts(load_config(setup_dir / "dreamd.toml", environ=env))
+    parts2, _ = open_run(load_config(setup_dir / "dreamd.toml", environ=env))
     copy = Scenario(kind=original.kind, source="template", spec=original.spec, meta=dict(original.meta),
                     messages=[dict(m) for m in original.messages], target=original.target + " Done.")
     verdict = parts2.screener(copy)

@@ -134,7 +134,7 @@ def test_store_round_trip_and_open_reuses(store) -> None:
     with store.read() as s:
         from sqlalchemy import func, select
 
-        from dreamd.store.models import Scenario as Row
+        from dreamd.store.tables import ScenarioRow as Row
         assert s.scalar(select(func.count()).select_from(Row).where(Row.status == "probe")) == len(made.probes)
     # a second run gets the same probes (fixed seed); stored as probes pointing at the first copies
     run2 = store.start_run("r2", {}, "m", 0)
@@ -188,7 +188,7 @@ def test_check_disjoint_finds_probe_conversations_and_held_out_domains(store, pr
 
 
 def test_suite_keeps_its_baseline_on_disk(tmp_path: Path, probes) -> None:
-    from dreamd.evals.probes import ATTENTION_BASELINE, Q1_BASELINE, ProbeSuite
+    from dreamd.evals.suite import ATTENTION_BASELINE, Q1_BASELINE, ProbeSuite
 
     suite = ProbeSuite(probes, tmp_path / "probes" / "run-1")
     assert not suite.has_baseline
@@ -204,7 +204,7 @@ def test_held_out_dreamer_redraws_template_draws_only() -> None:
     rng = random.Random(9)
     domains = [wrapped.dream(kind, rng).meta["domain"] for kind in ("accept", "pushback", "derail") * 100]
     assert not set(domains) & HELDOUT_DOMAINS and len(set(domains)) >= 10
-    assert wrapped.spec == "SPEC"  # everything else is the wrapped dreamer's
+    assert wrapped.spec == "SPEC"  # handed through explicitly (no __getattr__ proxy)
 
     class ModelWriter:
         def dream(self, kind, rng, model_config=None):
@@ -216,7 +216,7 @@ def test_held_out_dreamer_redraws_template_draws_only() -> None:
 
 
 def test_hold_out_is_added_once(tmp_path: Path, probes) -> None:
-    from dreamd.evals.probes import ProbeSuite
+    from dreamd.evals.suite import ProbeSuite
 
     suite = ProbeSuite(probes, tmp_path)
     screener = Screener()

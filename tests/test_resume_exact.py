@@ -17,11 +17,9 @@ import signal
 import pytest
 import torch
 
-from dreamd.service.checkpoint import latest_complete, load_checkpoint, load_model_state_dict
+from dreamd.train.checkpoint import latest_complete, load_checkpoint, load_model_state_dict
 from tests.daemon_process import (
     DaemonProcess,
-    daemons,
-    setup_dir,
     sqlite_url,
     store_rows,
     wait_until,

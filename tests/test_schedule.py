@@ -11,8 +11,8 @@ import pytest
 
 from dreamd.config import ScheduleConfig, load_config
 from dreamd.errors import UsageError
-from dreamd.service.schedule import (IdleReadings, Schedule, judge_idle, measure_idle,
-                                     parse_gpu_utilization, parse_window, resolve_timezone)
+from dreamd.service.schedule import IdleReadings, Schedule, judge_idle, measure_idle, parse_gpu_utilization
+from dreamd.timespec import parse_window, resolve_timezone
 
 UTC = timezone.utc
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)  # a Monday

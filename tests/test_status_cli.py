@@ -14,8 +14,6 @@ from tests.daemon_process import (
     DaemonProcess,
     cli,
     cli_status,
-    daemons,
-    setup_dir,
     sqlite_url,
     store_rows,
     write_config,

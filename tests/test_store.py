@@ -27,8 +27,8 @@ from sqlalchemy.exc import IntegrityError
 from dreamd.dream.scenario import Scenario, ScenarioKind
 from dreamd.errors import UsageError
 from dreamd.store import Store, db, head_revision
-from dreamd.store.models import PIVOTED_METRICS, SCENARIO_KINDS, Base, TrainStep
-from dreamd.store.models import Scenario as ScenarioRow
+from dreamd.store.tables import PIVOTED_METRICS, SCENARIO_KINDS, Base, TrainStep
+from dreamd.store.tables import ScenarioRow
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "sql.md"
@@ -226,7 +226,7 @@ def test_read_then_write_waits_instead_of_sqlite_busy(tmp_path: Path) -> None:
     store.upgrade()
     run_id = store.start_run("r", "{}", "/m", 0)
 
-    # The trap (FACTS.md): a deferred transaction reads, another connection commits a write,
+    # The trap (sqlite.org/isolation.html, SQLITE_BUSY_SNAPSHOT): a deferred transaction reads, another connection commits a write,
     # the first one's write fails at once with SQLITE_BUSY although busy_timeout is 10 s.
     a = sqlite3.connect(path, isolation_level=None, timeout=10)
     b = sqlite3.connect(path, isolation_level=None, timeout=10)

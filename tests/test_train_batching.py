@@ -8,7 +8,7 @@ import random
 import pytest
 
 from dreamd.dream.scenario import ScenarioKind
-from dreamd.train.batching import batch_counts, batch_sizes, make_batches
+from dreamd.train.mix import batch_counts, batch_sizes, make_batches
 from dreamd.train.context_frozen import align
 from tests.fixtures_models import random_example
 

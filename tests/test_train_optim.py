@@ -90,7 +90,7 @@ def test_apollo_state_dict_loads_with_weights_only_and_keeps_the_projection_sequ
         opt.zero_grad(set_to_none=True)
     buf = io.BytesIO()
     torch.save(optimizer_state_dict(opt), buf)
-    # The plain state_dict holds GradientProjector objects, which weights_only refuses (FACTS.md).
+    # The plain state_dict holds GradientProjector objects, which weights_only refuses.
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         torch.save(opt.state_dict(), b := io.BytesIO())
         b.seek(0)

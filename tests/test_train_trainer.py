@@ -13,7 +13,7 @@ import torch
 from dreamd.config import OptimizerConfig, TrainConfig
 from dreamd.dream.scenario import ScenarioKind
 from dreamd.errors import CycleFailed
-from dreamd.train.batching import make_batches
+from dreamd.train.mix import make_batches
 from dreamd.train.context_frozen import align, reply_nll
 from dreamd.train.examples import encode_scenario
 from dreamd.train.optim import linear_weight_names

@@ -23,7 +23,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-# Flaw types of pushback scenarios (DESIGN.md "Scenario kinds"), plus 'wrong_fact' for a false
+# Flaw types of pushback scenarios (docs/dreaming.md), plus 'wrong_fact' for a false
 # statement about how a tool behaves (HTTP status classes, numpy defaults).
 FLAWS = ("wrong_argument", "arithmetic_slip", "constraint", "unsafe", "wrong_fact")
 

@@ -1,5 +1,5 @@
 """Honesty lint: a training target must not narrate invented inner states or subjective
-self-claims (DESIGN.md "Honesty rule for training targets").
+self-claims (docs/dreaming.md, "Honesty lint").
 
 Rejected: "I'm curious", "I feel", "I'm excited", "I find this fascinating", "I love", "it makes
 me happy", "As an AI language model, I don't have taste", "I hope this helps".

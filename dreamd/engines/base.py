@@ -87,3 +87,52 @@ class Engine(Protocol):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy trained weights in place, by HF parameter name."""
+
+
+# ---- the sleep/wake state machine -------------------------------------------------------------
+
+SLEEP_TAGS = ("weights", "kv_cache")
+"""What an engine frees when it sleeps, and wakes by name."""
+
+
+class SleepState:
+    """The sleep/wake state machine of an engine: ONE for engines/hf.py and engines/vllm.py, so
+    the two cannot disagree. vLLM's rules (its real engine enforces them): sleep(level) only
+    when fully awake, level 1 or 2, and level 2 leaves the weights invalid until a full push;
+    wake(tags) only what sleeps; generating needs every tag awake. An engine calls
+    begin_* before acting (it raises before anything changes) and slept/woke after."""
+
+    def __init__(self, *, weights_valid: bool) -> None:
+        self.asleep: set[str] = set()
+        self.weights_valid = weights_valid
+
+    def begin_sleep(self, level: int, unavailable: str | None = None) -> None:
+        """Refuse a bad sleep(level): a level other than 1 or 2, `unavailable` (why this engine
+        cannot sleep here), or an engine already (partly) asleep."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if unavailable:
+            raise RuntimeError(unavailable)
+        if self.asleep:
+            raise RuntimeError(f"sleep called while {sorted(self.asleep)} already sleep; wake first")
+
+    def slept(self, level: int) -> None:
+        self.asleep = set(SLEEP_TAGS)
+        if level == 2:
+            self.weights_valid = False  # the memory comes back with garbage in it
+
+    def begin_wake(self, tags: list[str] | None) -> list[str]:
+        """The tags to wake (all when None); refuses unknown tags and tags not asleep."""
+        wanted = list(SLEEP_TAGS if tags is None else tags)
+        if unknown := set(wanted) - set(SLEEP_TAGS):
+            raise ValueError(f"unknown wake tags {sorted(unknown)}; use {list(SLEEP_TAGS)}")
+        if not_asleep := set(wanted) - self.asleep:
+            raise RuntimeError(f"wake({wanted}) but {sorted(not_asleep)} is not asleep")
+        return wanted
+
+    def woke(self, wanted: list[str]) -> None:
+        self.asleep -= set(wanted)
+
+    def require_awake(self, what: str) -> None:
+        if self.asleep:
+            raise RuntimeError(f"{what} called while the engine sleeps ({sorted(self.asleep)}); call wake() first")

@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dreamd.engines.base import Engine
+from dreamd.chat import prompt_logprobs
 from dreamd.errors import CycleFailed
 
 DEFAULT_ATOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -49,16 +50,7 @@ def canary_probe(tokenizer) -> list[int]:
 @torch.no_grad()
 def trainer_prompt_logprobs(model: PreTrainedModel, token_ids: list[int]) -> list[float]:
     """Log-prob of token i given tokens < i, for i >= 1, from the trainer's model (fp32 softmax)."""
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        ids = torch.tensor([token_ids], device=device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-        return [float(x) for x in logp.cpu()]
-    finally:
-        model.train(was_training)
+    return prompt_logprobs(model, token_ids)
 
 
 @dataclass(frozen=True)

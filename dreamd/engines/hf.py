@@ -20,53 +20,14 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dreamd.dream.scenario import Message
-from dreamd.engines.base import Completion, GenerationMeter, Sampling
-
-WAKE_TAGS = ("weights", "kv_cache")
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """model.eval() inside, and every submodule's own training flag restored after (a trainer
-    may keep some submodules in eval on purpose, so a blanket model.train() would be wrong)."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
-    """Token ids of a conversation rendered with the chat template plus the generation prompt.
-    The template itself writes any BOS/special tokens, so the encoder adds none."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
-    """Token ids that end a reply: the tokenizer's eos (<|im_end|> for ChatML models), the
-    model's generation_config eos ids (Qwen ships [<|im_end|>, <|endoftext|>]), and <|im_end|>
-    when the vocabulary has it."""
-    ids: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    ids += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
-    out = list(dict.fromkeys(int(i) for i in ids))
-    if not out:
-        raise ValueError("the tokenizer has no eos token and the model's generation_config none; "
-                         "generation could never stop at end of turn")
-    return out
+from dreamd.engines.base import Completion, GenerationMeter, Sampling, SleepState
+from dreamd.chat import encode_chat, eval_mode, generation_stop_ids, prompt_logprobs
 
 
 def decode_completion(tokenizer: PreTrainedTokenizerBase, row: list[int], stop_ids: list[int],
@@ -92,7 +53,7 @@ class TransformersEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        self.stop_ids = end_of_turn_ids(tokenizer, model)
+        self.stop_ids = generation_stop_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         # Tied weights appear under several names; a push of any alias counts for the tensor.
         self._canonical: dict[str, str] = {}
@@ -103,23 +64,22 @@ class TransformersEngine:
         for name, param in model.named_parameters(remove_duplicate=False):
             self._targets.setdefault(name, param)
         self.meter = GenerationMeter()
-        self._asleep: set[str] = set()
-        self._weights_valid = True
+        self.sleep_state = SleepState(weights_valid=True)
         self._pushed: set[str] = set()
         self.last_push_copied = 0
         """Tensors the last load_weights call copied (0 when they already were the model's)."""
         self.last_push_shared = 0
         """Tensors the last load_weights call skipped because they share the model's storage."""
 
-    # ---- state machine (mirrors vLLM's sleep/wake) -------------------------------------------
+    # ---- state machine (engines.base.SleepState, shared with the vLLM engine) -------------------
     @property
     def weights_valid(self) -> bool:
-        return self._weights_valid
+        return self.sleep_state.weights_valid
 
     @property
     def asleep_tags(self) -> frozenset[str]:
         """What is asleep now: a subset of {'weights', 'kv_cache'}; empty when fully awake."""
-        return frozenset(self._asleep)
+        return frozenset(self.sleep_state.asleep)
 
     @property
     def can_sleep(self) -> bool:
@@ -127,23 +87,17 @@ class TransformersEngine:
         return True
 
     def sleep(self, level: int = 1) -> None:
-        if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 or 2, got {level}")
-        self._asleep = set(WAKE_TAGS)
+        self.sleep_state.begin_sleep(level)
+        self.sleep_state.slept(level)
         if level == 2:
-            self._weights_valid = False
             self._pushed = set()
 
     def wake(self, tags: list[str] | None = None) -> None:
-        wanted = set(WAKE_TAGS if tags is None else tags)
-        if unknown := wanted - set(WAKE_TAGS):
-            raise ValueError(f"unknown wake tags {sorted(unknown)}; use {list(WAKE_TAGS)}")
-        self._asleep -= wanted
+        self.sleep_state.woke(self.sleep_state.begin_wake(tags))
 
     def _require_ready(self, what: str) -> None:
-        if self._asleep:
-            raise RuntimeError(f"{what} called while the engine sleeps ({sorted(self._asleep)}); call wake() first")
-        if not self._weights_valid:
+        self.sleep_state.require_awake(what)
+        if not self.sleep_state.weights_valid:
             raise RuntimeError(f"{what} called after sleep(level=2) before every weight was pushed "
                                "with load_weights(); the weights are garbage until then")
 
@@ -153,7 +107,7 @@ class TransformersEngine:
         """Copy tensors into the model by HF name. Tensors that already are the model's own
         storage (the CPU case: trainer and engine share one model) are skipped. Unknown names
         and shape mismatches raise ValueError before anything of that tensor is written."""
-        if "weights" in self._asleep:
+        if "weights" in self.sleep_state.asleep:
             raise RuntimeError("load_weights called while the weights sleep; call wake(['weights']) first")
         copied = shared = 0
         for name, tensor in named_tensors:
@@ -173,8 +127,8 @@ class TransformersEngine:
             if name in self._canonical:
                 self._pushed.add(self._canonical[name])
         self.last_push_copied, self.last_push_shared = copied, shared
-        if not self._weights_valid and self._pushed >= set(self._canonical.values()):
-            self._weights_valid = True
+        if not self.sleep_state.weights_valid and self._pushed >= set(self._canonical.values()):
+            self.sleep_state.weights_valid = True
 
     # ---- generation --------------------------------------------------------------------------
     def _generation_config(self, sampling: Sampling, copies: int) -> GenerationConfig:
@@ -232,19 +186,8 @@ class TransformersEngine:
         self.meter.add(sum(len(c.token_ids) for cs in result for c in cs), time.perf_counter() - t0)
         return result
 
-    @torch.no_grad()
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
-        """Log-prob of every token after the first, given its prefix, in fp32. One sequence per
-        forward: no padding, so nothing but the kernels can differ from vLLM's numbers."""
+        """Log-prob of every token after the first, given its prefix, in fp32 (chat.prompt_logprobs,
+        one sequence per forward)."""
         self._require_ready("prompt_logprobs")
-        out: list[list[float]] = []
-        with eval_mode(self.model):
-            for ids in token_ids:
-                if len(ids) < 2:
-                    out.append([])
-                    continue
-                x = torch.tensor([ids], device=self.model.device)
-                logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
-                logprobs = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
-                out.append(logprobs.tolist())
-        return out
+        return [prompt_logprobs(self.model, ids) for ids in token_ids]

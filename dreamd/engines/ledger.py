@@ -8,7 +8,7 @@ None. `rows()` gives dicts with the columns of the store's `phases` table.
 
 Overhead share = (sleep + wake + push) / cycle seconds: the price of sharing one GPU between the
 engine and the trainer. vllm-project/vime 442 measured 15.0 s of 18.9 s (79%) for a colocated
-Qwen3-0.6B step, which is why small models should not sleep at all (FACTS.md).
+Qwen3-0.6B step, which is why small models should not sleep at all.
 """
 
 from __future__ import annotations

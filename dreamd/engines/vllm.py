@@ -32,12 +32,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dreamd.config import EngineConfig
 from dreamd.dream.scenario import Message
 from dreamd.engines import vllm_compat as compat
-from dreamd.engines.base import Completion, GenerationMeter, Sampling
-from dreamd.engines.hf import encode_chat, end_of_turn_ids
+from dreamd.engines.base import Completion, GenerationMeter, Sampling, SleepState
+from dreamd.chat import encode_chat, generation_stop_ids
 from dreamd.engines.names import PushLayout, layout_for
 from dreamd.engines.vllm_compat import PushReport
 
-TAGS = ("weights", "kv_cache")
 CPU_DEFAULT_KV_BYTES = 1 << 30
 """KV cache on vLLM's CPU platform when engine.kv_cache_memory_bytes is unset: a fraction of
 host RAM (gpu_memory_utilization) would take GiBs the trainer needs. 1 GiB holds ~23k tokens of
@@ -57,8 +56,7 @@ class VLLMEngine:
         self.stop_ids = list(stop_ids)
         self.max_model_len = max_model_len
         self.dtype = dtype
-        self._weights_valid = False  # load_format='dummy': random until the first push
-        self._asleep: set[str] = set()
+        self.sleep_state = SleepState(weights_valid=False)  # load_format='dummy': random until the first push
         self._prefix_cache_stale = False
         self.pushes = 0
         self.last_push: PushReport | None = None
@@ -96,7 +94,7 @@ class VLLMEngine:
             gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
             enforce_eager=engine_cfg.enforce_eager, max_model_len=engine_cfg.max_model_len,
             kv_cache_memory_bytes=kv_bytes, sleep_mode=api.sleep_mode))
-        engine = cls(llm, api, tokenizer, layout, stop_ids=end_of_turn_ids(tokenizer, model),
+        engine = cls(llm, api, tokenizer, layout, stop_ids=generation_stop_ids(tokenizer, model),
                      max_model_len=engine_cfg.max_model_len, dtype=dtype)
         engine.load_weights(model.named_parameters())
         return engine
@@ -104,11 +102,11 @@ class VLLMEngine:
     # ---- state machine ---------------------------------------------------------------------
     @property
     def weights_valid(self) -> bool:
-        return self._weights_valid
+        return self.sleep_state.weights_valid
 
     @property
     def asleep_tags(self) -> frozenset[str]:
-        return frozenset(self._asleep)
+        return frozenset(self.sleep_state.asleep)
 
     @property
     def can_sleep(self) -> bool:
@@ -116,27 +114,17 @@ class VLLMEngine:
         return self.api.sleep_mode
 
     def sleep(self, level: int = 1) -> None:
-        if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 or 2, got {level}")
-        if not self.api.sleep_mode:
-            raise RuntimeError(f"vLLM's {self.api.device} platform has no sleep mode (its sleep() only "
-                               "pauses the scheduler, and generating afterwards hangs); keep the engine awake")
-        if self._asleep:
-            raise RuntimeError(f"sleep called while {sorted(self._asleep)} already sleep; wake first")
+        self.sleep_state.begin_sleep(level, None if self.api.sleep_mode else (
+            f"vLLM's {self.api.device} platform has no sleep mode (its sleep() only pauses the "
+            "scheduler, and generating afterwards hangs); keep the engine awake"))
         compat.sleep(self.llm, level)
-        self._asleep = set(TAGS)
+        self.sleep_state.slept(level)
         self._prefix_cache_stale = False  # sleep(level >= 1) drops the KV cache, prefix cache included
-        if level == 2:
-            self._weights_valid = False  # the memory comes back with garbage in it
 
     def wake(self, tags: list[str] | None = None) -> None:
-        wanted = list(TAGS if tags is None else tags)
-        if unknown := set(wanted) - set(TAGS):
-            raise ValueError(f"unknown wake tags {sorted(unknown)}; use {list(TAGS)}")
-        if not_asleep := set(wanted) - self._asleep:
-            raise RuntimeError(f"wake({wanted}) but {sorted(not_asleep)} is not asleep")
+        wanted = self.sleep_state.begin_wake(tags)
         compat.wake_up(self.llm, wanted)
-        self._asleep -= set(wanted)
+        self.sleep_state.woke(wanted)
         if "kv_cache" in wanted and self._prefix_cache_stale:
             self._reset_prefix_cache()
 
@@ -147,9 +135,8 @@ class VLLMEngine:
         self._prefix_cache_stale = False
 
     def _require_ready(self, what: str) -> None:
-        if self._asleep:
-            raise RuntimeError(f"{what} called while the engine sleeps ({sorted(self._asleep)}); call wake() first")
-        if not self._weights_valid:
+        self.sleep_state.require_awake(what)
+        if not self.sleep_state.weights_valid:
             raise RuntimeError(f"{what} called before a full weight push (after construction or "
                                "sleep(level=2) the engine's weights are garbage); call load_weights()")
         assert not self._prefix_cache_stale, "prefix cache not reset after a push"
@@ -157,10 +144,10 @@ class VLLMEngine:
     # ---- weights ---------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push ALL the trainer's weights in place, by HF name (see module docstring)."""
-        if "weights" in self._asleep:
+        if "weights" in self.sleep_state.asleep:
             raise RuntimeError("load_weights called while the weights sleep; call wake(['weights']) first")
         push = self.layout.push_tensors(named_tensors)
-        self._weights_valid = False  # until the push is known to be whole
+        self.sleep_state.weights_valid = False  # until the push is known to be whole
         report = compat.push_weights(self.api, self.llm, push, self.layout.tied)
         self.pushes += 1
         self.last_push = report
@@ -171,9 +158,9 @@ class VLLMEngine:
         if not report.tie_ok:
             raise RuntimeError(f"after the push lm_head {'is not' if self.layout.tied else 'is'} the "
                                f"embedding, but tie_word_embeddings = {self.layout.tied}")
-        self._weights_valid = True
+        self.sleep_state.weights_valid = True
         self._prefix_cache_stale = True
-        if "kv_cache" not in self._asleep:
+        if "kv_cache" not in self.sleep_state.asleep:
             self._reset_prefix_cache()
 
     # ---- generation ------------------------------------------------------------------------

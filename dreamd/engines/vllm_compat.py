@@ -147,7 +147,7 @@ def import_vllm() -> VllmApi:
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 must be set before the engine is built: with it the
     EngineCore and the worker live in this process, so `apply_model` hands our closure (and the
-    trainer's CUDA tensors) to the model object directly, with no pickling (FACTS.md).
+    trainer's CUDA tensors) to the model object directly, with no pickling.
     """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # vLLM logs dozens of INFO/WARNING lines per engine (config dumps, LD_PRELOAD advice) into

@@ -9,7 +9,7 @@ When training fits beside the engine (small models, see engines.memory) the engi
 and after_train only pushes and runs the canary. Either way the push goes through
 `engine.load_weights`, whose vLLM implementation resets the prefix cache and checks that the
 reset happened (cached KV blocks were computed with the old weights). Nothing here ever asks
-the engine to reload weights from disk: that would silently undo the training (FACTS.md, TRL
+the engine to reload weights from disk: that would silently undo the training (TRL
 issue 5312).
 
 Use as two calls or as a context manager:

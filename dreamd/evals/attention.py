@@ -2,7 +2,7 @@
 
 On the 20 fixed direction-giving probe conversations (probes.py: 10 accept, 10 pushback), the
 prompt up to the generation prompt goes through the model with eager attention (sdpa returns
-no maps; FACTS.md). Only full-attention layers have maps: every layer of a Llama, one in four
+no maps). Only full-attention layers have maps: every layer of a Llama, one in four
 of a Qwen3.5 hybrid (models.model_facts names them). For every head:
 
   shift     L2 distance between its attention rows now and at the run's start, averaged over
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dreamd.engines.hf import eval_mode
+from dreamd.chat import eval_mode
 from dreamd.evals.probes import Probe
 from dreamd.models import model_facts
 

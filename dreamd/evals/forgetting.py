@@ -1,7 +1,8 @@
 """Forgetting: does the model still do what it did before the dream loop started training it?
 
-Fine-tuning forgets what it does not practise (DESIGN.md: models "unlearned arithmetic"), so
-every cycle measures two general abilities on probes fixed for all runs and all models:
+Fine-tuning forgets what it does not practise (catastrophic forgetting in fine-tuned LLMs: Luo
+et al. 2023, arXiv 2308.08747), so every cycle measures two general abilities on probes fixed
+for all runs and all models:
 
 - forget.perplexity: perplexity on held-out general text (CPython docstrings of modules that are
   NOT in the tokenizer corpus, dreamd/evals/data/heldout.txt, or eval.heldout_text), first
@@ -10,7 +11,7 @@ every cycle measures two general abilities on probes fixed for all runs and all 
   through the engine; the reply's number is parsed tolerantly (`parse_answer`).
 - forget.arith_logprob: mean log-prob of the correct answer string given the question. It moves
   smoothly from the first steps even while a small model's exact match is stuck at 0 (binary
-  behaviour flips late; continuous metrics move first, DESIGN.md).
+  behaviour flips late; continuous metrics move first, docs/efficacy.md).
 
 Disjointness: a probe that is trained on stops measuring forgetting. The questions come from a
 fixed seed (PROBE_SEED, independent of run.seed), so `forgetting_prompts()` and
@@ -33,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dreamd.config import EvalConfig
 from dreamd.engines.base import Engine, Sampling
-from dreamd.engines.hf import encode_chat, eval_mode
+from dreamd.chat import encode_chat, eval_mode
 from dreamd.errors import UsageError
 
 PROBE_SEED = 0x5EED_F0E7

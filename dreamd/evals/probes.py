@@ -35,13 +35,9 @@ import hashlib
 import json
 import random
 import re
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from sqlalchemy import select
 
 from dreamd.dream.grammar import LEX
 from dreamd.dream.scenario import Message, Scenario, ScenarioKind, normalize_text
@@ -287,7 +283,8 @@ class HeldOutDreamer:
     template or procedural draw from a held-out domain is drawn again (it costs one rng draw,
     like the dreamer picking another domain), so those draws never become stored rejections.
     Model-written scenarios are never dropped: they reach screening, and `screen_rule` rejects
-    them with the reason stored. Everything else is the wrapped dreamer's."""
+    them with the reason stored. A plain composition: `observe` and `spec` are handed to the
+    wrapped dreamer explicitly, nothing else is."""
 
     REDRAWS = 64
     """Draws per request before handing a held-out one to screening (4 of 16 domains are held
@@ -304,8 +301,13 @@ class HeldOutDreamer:
                 return scenario
         return scenario
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    def observe(self, scenario: Scenario, ok: bool) -> None:
+        """How the candidate fared (the wrapped model dreamer adapts its temperature)."""
+        self.inner.observe(scenario, ok)
+
+    @property
+    def spec(self) -> str | None:
+        return self.inner.spec
 
 
 @dataclass(frozen=True)
@@ -325,24 +327,15 @@ class Disjointness:
 def check_disjoint(store: Any, run_id: int, cycle_id: int | None, probes: ProbeSet) -> Disjointness:
     """Hash every scenario trained in `cycle_id` (every one of the run when None) and compare
     with the probes: conversation hash, content hash, and held-out domain."""
-    from dreamd.store.models import Scenario as ScenarioRow, StepExample, TrainStep
-
-    query = (select(ScenarioRow.id, ScenarioRow.messages_json, ScenarioRow.target, ScenarioRow.meta_json)
-             .join(StepExample, StepExample.scenario_id == ScenarioRow.id)
-             .join(TrainStep, TrainStep.id == StepExample.step_id)
-             .where(TrainStep.run_id == run_id).distinct())
-    if cycle_id is not None:
-        query = query.where(TrainStep.cycle_id == cycle_id)
     prompts, contents = probes.prompt_hashes, probes.content_hashes
     overlaps, heldout, checked = [], [], 0
-    with store.read() as s:
-        for sid, messages, target, meta in s.execute(query):
-            checked += 1
-            trained = Scenario(kind=ScenarioKind.GENERAL, source="store", messages=messages, target=target)
-            if prompt_hash(messages) in prompts or trained.content_hash in contents:
-                overlaps.append(sid)
-            if (meta or {}).get("domain") in HELDOUT_DOMAINS:
-                heldout.append(sid)
+    for sid, messages, target, meta in store.trained_scenarios(run_id, cycle_id):
+        checked += 1
+        trained = Scenario(kind=ScenarioKind.GENERAL, source="store", messages=messages, target=target)
+        if prompt_hash(messages) in prompts or trained.content_hash in contents:
+            overlaps.append(sid)
+        if (meta or {}).get("domain") in HELDOUT_DOMAINS:
+            heldout.append(sid)
     return Disjointness(checked, sorted(overlaps), sorted(heldout))
 
 
@@ -362,30 +355,20 @@ def store_probes(store: Any, run_id: int, probes: ProbeSet) -> ProbeSet:
 
 def load_probes(store: Any, run_id: int) -> ProbeSet | None:
     """The run's stored probes (in the order they were drawn), or None when it has none."""
-    from dreamd.store.models import Scenario as ScenarioRow
-
-    with store.read() as s:
-        rows = s.execute(select(ScenarioRow).where(ScenarioRow.run_id == run_id, ScenarioRow.status == "probe")
-                         .order_by(ScenarioRow.id)).scalars().all()
-        out = ProbeSet()
-        for row in rows:
-            meta = dict(row.meta_json or {})
-            rec = meta.pop("probe")
-            scenario = Scenario(kind=row.kind, source=row.source, messages=list(row.messages_json),
-                                target=row.target, spec=row.spec, meta=meta)
-            out.probes.append(Probe(rec["family"], scenario, dispreferred=rec.get("dispreferred"),
-                                    direction=rec.get("direction"), wrong_answer=rec.get("wrong_answer"),
-                                    attention=bool(rec.get("attention")), scenario_id=row.id))
+    out = ProbeSet()
+    for scenario_id, scenario in store.probe_scenarios(run_id):
+        rec = scenario.meta.pop("probe")
+        out.probes.append(Probe(rec["family"], scenario, dispreferred=rec.get("dispreferred"),
+                                direction=rec.get("direction"), wrong_answer=rec.get("wrong_answer"),
+                                attention=bool(rec.get("attention")), scenario_id=scenario_id))
     return out if out.probes else None
 
 
 def taken_in_store(store: Any) -> Callable[[str], bool]:
     """`taken` for build_probe_set: the content is stored as anything but a probe."""
-    from dreamd.store.models import Scenario as ScenarioRow
 
     def taken(content_hash: str) -> bool:
-        with store.read() as s:
-            status = s.scalar(select(ScenarioRow.status).where(ScenarioRow.content_hash == content_hash))
+        status = store.scenario_status(content_hash)
         return status is not None and status != "probe"
 
     return taken
@@ -397,93 +380,3 @@ def open_probes(store: Any, run_id: int, dreamer: Any, sizes: ProbeSizes = Probe
     if loaded is not None:
         return loaded
     return store_probes(store, run_id, build_probe_set(dreamer, sizes, taken=taken_in_store(store)))
-
-
-# ---- the run's probes and their start-of-run state -------------------------------------------------
-
-ATTENTION_BASELINE = "attention_baseline.pt"
-Q1_BASELINE = "q1_baseline.json"
-
-
-@dataclass
-class Measurement:
-    metrics: dict[str, float]
-    details: dict[str, Any]
-    """metric -> JSON-able detail (add_evals(details=...))."""
-
-
-class ProbeSuite:
-    """The run's probe set plus what was measured at its start (attention maps, Q1 labels),
-    kept under <state_dir>/probes/run-<id>/ so "now vs start" survives a restart."""
-
-    def __init__(self, probes: ProbeSet, baseline_dir: Path) -> None:
-        self.probe_set = probes
-        self.dir = Path(baseline_dir)
-
-    @classmethod
-    def open(cls, store: Any, run_id: int, state_dir: Path, dreamer: Any,
-             sizes: ProbeSizes = ProbeSizes()) -> ProbeSuite:
-        return cls(open_probes(store, run_id, dreamer, sizes), Path(state_dir) / "probes" / f"run-{run_id}")
-
-    def hold_out(self, dreamer: Any, screener: Any) -> Any:
-        """Keep the probes out of training: add the 'probe' screening rule (first, it is cheap)
-        to `screener` and return `dreamer` wrapped in HeldOutDreamer. Call it wherever the
-        dreamer and screener are (re)built: at run start and after a reload rebuilds them."""
-        if "probe" not in [name for name, _ in screener.rules]:
-            # After parse/format (garbage is rejected as garbage), before the kind checks.
-            screener.add_rule("probe", screen_rule(self.probe_set), before="kind")
-        return dreamer if isinstance(dreamer, HeldOutDreamer) else HeldOutDreamer(dreamer)
-
-    @property
-    def has_baseline(self) -> bool:
-        return (self.dir / ATTENTION_BASELINE).is_file() and (self.dir / Q1_BASELINE).is_file()
-
-    def measure(self, model: Any, tokenizer: Any, engine: Any, seed: int, store: Any = None,
-                run_id: int | None = None, cycle_id: int | None = None) -> Measurement:
-        """Every probe metric of the model now. The first call of a run (no baseline on disk)
-        saves the start maps and labels, so its Q3 shift is 0 by definition. With a store and
-        a cycle id, also checks that the cycle trained nothing of the probes (probes.*)."""
-        # Imported here: those modules import Probe and ProbeSet from this one.
-        from dreamd.evals.attention import attention_maps, attention_metrics, load_baseline, save_baseline
-        from dreamd.evals.behaviour import behaviour_metrics
-        from dreamd.evals.calibration import calibration_metrics, code_answer_metrics
-        from dreamd.evals.steering import steering_metrics
-
-        metrics: dict[str, float] = {}
-        details: dict[str, Any] = {}
-        seconds: dict[str, float] = {}
-        started = time.perf_counter()
-
-        def part(name: str, t0: float, result: tuple[dict[str, float], dict[str, Any]]) -> None:
-            metrics.update(result[0])
-            details.update(result[1])
-            seconds[name] = round(time.perf_counter() - t0, 3)
-
-        first = not self.has_baseline
-        attention_probes = self.probe_set.attention
-        t0 = time.perf_counter()
-        if first:
-            save_baseline(self.dir / ATTENTION_BASELINE, attention_maps(model, tokenizer, attention_probes))
-        part("attention", t0, attention_metrics(model, tokenizer, attention_probes,
-                                                load_baseline(self.dir / ATTENTION_BASELINE)))
-        t0 = time.perf_counter()
-        labels = None if first else json.loads((self.dir / Q1_BASELINE).read_text())
-        behaviour = behaviour_metrics(model, tokenizer, engine, self.probe_set, seed, labels)
-        if first:
-            (self.dir / Q1_BASELINE).write_text(json.dumps(behaviour.labels))
-        part("behaviour", t0, (behaviour.metrics, behaviour.details))
-        t0 = time.perf_counter()
-        part("steering", t0, steering_metrics(model, tokenizer, self.probe_set, behaviour))
-        t0 = time.perf_counter()
-        part("calibration", t0, calibration_metrics(model, tokenizer, self.probe_set.family("verifiable")))
-        t0 = time.perf_counter()
-        part("code", t0, code_answer_metrics(model, tokenizer, engine, self.probe_set.family("code"), seed))
-        if store is not None and run_id is not None and cycle_id is not None:
-            check = check_disjoint(store, run_id, cycle_id, self.probe_set)
-            metrics["probes.overlap"] = float(len(check.overlaps))
-            metrics["probes.heldout_trained"] = float(len(check.heldout))
-            details["probes.overlap"] = {"checked": check.checked, "overlaps": check.overlaps[:50],
-                                         "heldout": check.heldout[:50]}
-        metrics["probes.seconds"] = time.perf_counter() - started
-        details["probes.seconds"] = seconds
-        return Measurement(metrics, details)

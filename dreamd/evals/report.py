@@ -27,7 +27,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, works under systemd and in CI
 import matplotlib.pyplot as plt  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
 
 from dreamd.config import Config  # noqa: E402
 from dreamd.errors import UsageError  # noqa: E402
@@ -69,27 +68,13 @@ def _open(cfg: Config) -> Any:
 def load_run(store: Any, name: str, run_id: int | None = None) -> RunData:
     """Everything the report shows for one run: by id, else the newest run named `name`, else
     the newest run."""
-    from dreamd.store.models import Cycle, Decision, Eval, Run, TrainStep
-
-    with store.read() as s:
-        query = select(Run).order_by(Run.id.desc()).limit(1)
-        run = (s.get(Run, run_id) if run_id is not None
-               else s.scalars(query.where(Run.name == name)).first() or s.scalars(query).first())
-        if run is None:
-            raise UsageError(f"store {store.url} holds no runs yet; run `dreamd run` first")
-        steps = [dict(r._mapping) for r in s.execute(
-            select(TrainStep.step, TrainStep.loss, TrainStep.lr, TrainStep.n_general, TrainStep.n_behavioral,
-                   TrainStep.cycle_id).where(TrainStep.run_id == run.id, TrainStep.status == "active")
-            .order_by(TrainStep.step))]
-        metrics = [m for m, in s.execute(select(Eval.metric).where(Eval.run_id == run.id).distinct())]
-        last_step = dict(s.execute(select(TrainStep.cycle_id, func.max(TrainStep.step))
-                                   .where(TrainStep.run_id == run.id).group_by(TrainStep.cycle_id)).all())
-        decisions = []
-        for d, number in s.execute(select(Decision, Cycle.number).outerjoin(Cycle, Cycle.id == Decision.cycle_id)
-                                   .where(Decision.run_id == run.id).order_by(Decision.id)):
-            decisions.append({"cycle": number, "step": last_step.get(d.cycle_id), "action": d.action,
-                              "reason": d.reason, "before": d.before_json, "after": d.after_json,
-                              "created_at": d.created_at})
+    run = (store.get_run(run_id) if run_id is not None
+           else store.latest_run(name) or store.latest_run())
+    if run is None:
+        raise UsageError(f"store {store.url} holds no runs yet; run `dreamd run` first")
+    steps = store.active_steps(run.id)
+    metrics = store.metric_names(run.id)
+    decisions = store.decisions(run.id)
     cycles = store.cycle_summary(run.id)
     trend = {}
     for metric in sorted(metrics):

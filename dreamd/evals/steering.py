@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from dreamd.evals.behaviour import BehaviourResult, ScoredReply, probe_key, score_replies
-from dreamd.engines.hf import encode_chat
+from dreamd.chat import encode_chat
 from dreamd.evals.probes import ProbeSet
 
 

@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dreamd.errors import UsageError
+from dreamd.files import fsync_path, write_atomic
 
 PIDFILE_NAME = "dreamd.pid"
 PAUSE_FLAG_NAME = "paused"
@@ -86,24 +87,6 @@ class PauseRecord:
     """What paused the run (e.g. 'SIGUSR1')."""
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class PauseFlag:
     """The file <state_dir>/paused: present while the run is paused, so a pause outlives a
     restart. Written by the loop (never by a signal handler); readable by `dreamd status`."""
@@ -126,7 +109,7 @@ class PauseFlag:
     def set(self, source: str, at: float | None = None) -> None:
         stamp = datetime.fromtimestamp(time.time() if at is None else at, timezone.utc)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.path, json.dumps({"paused_at": stamp.isoformat(timespec="seconds"),
+        write_atomic(self.path, json.dumps({"paused_at": stamp.isoformat(timespec="seconds"),
                                              "source": source}) + "\n")
 
     def clear(self) -> None:
@@ -134,7 +117,7 @@ class PauseFlag:
             self.path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
 
 
 # ---------------------------------------------------------------------------------------------

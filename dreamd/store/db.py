@@ -1,7 +1,7 @@
 """Connecting to the store and migrating it.
 
 SQLite (the embedded default) is opened in WAL mode with foreign keys on, synchronous=NORMAL
-(FACTS.md: committed rows survive a process crash; only a power loss may drop the last
+(a committed WAL transaction survives a process crash; only a power loss may drop the last
 commits) and a busy timeout. Write transactions open with BEGIN IMMEDIATE: in WAL a
 transaction that reads and then writes gets SQLITE_BUSY at once, ignoring busy_timeout, when
 another connection wrote in between; taking the write lock at BEGIN makes it wait instead.

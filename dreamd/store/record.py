@@ -1,7 +1,7 @@
 """Recording a run: the rows the cycle writes, and the summaries people read.
 
 Every write is its own short transaction, committed when the call returns, so a crash loses at
-most the call in progress (FACTS.md: committed rows survive SIGKILL). Reads use read-only
+most the call in progress (a committed SQLite WAL transaction survives SIGKILL). Reads use read-only
 transactions that never wait for the writer.
 
     store = Store.open(cfg.store_url, cfg.store.busy_timeout_ms, cfg.store.connect_retries)
@@ -27,9 +27,9 @@ from sqlalchemy import func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 import dreamd
-from dreamd.dream.scenario import Scenario as DreamScenario
+from dreamd.dream.scenario import Scenario
 from dreamd.store.db import Database, retry_transient
-from dreamd.store.models import (
+from dreamd.store.tables import (
     CHECKPOINT_STATUSES,
     CYCLE_STATUSES,
     RUN_STATUSES,
@@ -42,8 +42,8 @@ from dreamd.store.models import (
     MinhashBand,
     MinhashSignature,
     Phase,
-    Run,
-    Scenario,
+    RunRow,
+    ScenarioRow,
     StepExample,
     TrainStep,
     UTCDateTime,
@@ -84,36 +84,46 @@ class Store(Database):
         config, as JSON text (Config.resolved_json()) or a dict."""
         config = json.loads(config_json) if isinstance(config_json, str) else dict(config_json)
         with self.session() as s:
-            run = Run(name=name, config_json=config, model_path=str(model_path), seed=seed,
+            run = RunRow(name=name, config_json=config, model_path=str(model_path), seed=seed,
                       dreamd_version=dreamd.__version__)
             s.add(run)
             s.flush()
             return run.id
 
-    def find_resumable_run(self, name: str) -> Run | None:
+    def find_resumable_run(self, name: str) -> RunRow | None:
         """The newest run of this name that can go on, or None: 'running' (crashed), 'stopped'
         or 'finished' (its last process did all run.cycles; the next `dreamd run` continues
         the same weights). A 'failed' run is not resumed: change run.name to start afresh."""
         with self.read() as s:
-            return s.scalars(select(Run)
-                             .where(Run.name == name, Run.status.in_(("running", "stopped", "finished")))
-                             .order_by(Run.id.desc()).limit(1)).first()
+            return s.scalars(select(RunRow)
+                             .where(RunRow.name == name, RunRow.status.in_(("running", "stopped", "finished")))
+                             .order_by(RunRow.id.desc()).limit(1)).first()
+
+    def get_run(self, run_id: int) -> RunRow | None:
+        with self.read() as s:
+            return s.get(RunRow, run_id)
+
+    def latest_run(self, name: str | None = None) -> RunRow | None:
+        """The newest run of this name, any status (the newest run at all when None), or None."""
+        query = select(RunRow).order_by(RunRow.id.desc()).limit(1)
+        with self.read() as s:
+            return s.scalars(query if name is None else query.where(RunRow.name == name)).first()
 
     def set_run_status(self, run_id: int, status: str) -> None:
         """'finished' and 'failed' stamp finished_at; 'running' (resumed) clears it."""
         _check(status, RUN_STATUSES, "run status")
         finished = utcnow() if status in ("finished", "failed") else None
         with self.session() as s:
-            s.execute(update(Run).where(Run.id == run_id)
+            s.execute(update(RunRow).where(RunRow.id == run_id)
                       .values(status=status, finished_at=finished))
 
     def run_paused(self, run_id: int) -> bool:
         with self.read() as s:
-            return bool(s.scalar(select(Run.paused).where(Run.id == run_id)))
+            return bool(s.scalar(select(RunRow.paused).where(RunRow.id == run_id)))
 
     def set_paused(self, run_id: int, paused: bool) -> None:
         with self.session() as s:
-            s.execute(update(Run).where(Run.id == run_id).values(paused=paused))
+            s.execute(update(RunRow).where(RunRow.id == run_id).values(paused=paused))
 
     # ---- cycles ------------------------------------------------------------------------------
     def start_cycle(self, run_id: int, number: int, lr: float, general_share: float,
@@ -161,11 +171,11 @@ class Store(Database):
             if n != 1:
                 raise ValueError(f"cycle {cycle_id} is not 'stopped'; only a stopped cycle resumes")
 
-    def load_scenarios(self, ids: Sequence[int]) -> dict[int, DreamScenario]:
+    def load_scenarios(self, ids: Sequence[int]) -> dict[int, Scenario]:
         """Stored scenarios by id, as the dreamer made them (to re-encode a stopped cycle)."""
         with self.read() as s:
-            rows = s.scalars(select(Scenario).where(Scenario.id.in_(list(ids)))).all()
-        found = {r.id: DreamScenario(kind=r.kind, source=r.source, messages=r.messages_json,
+            rows = s.scalars(select(ScenarioRow).where(ScenarioRow.id.in_(list(ids)))).all()
+        found = {r.id: Scenario(kind=r.kind, source=r.source, messages=r.messages_json,
                                      target=r.target, spec=r.spec, meta=r.meta_json or {})
                  for r in rows}
         missing = sorted(set(ids) - set(found))
@@ -189,9 +199,36 @@ class Store(Database):
     def hash_exists(self, content_hash: str) -> int | None:
         """The id of the scenario holding this content hash, or None."""
         with self.read() as s:
-            return s.scalar(select(Scenario.id).where(Scenario.content_hash == content_hash))
+            return s.scalar(select(ScenarioRow.id).where(ScenarioRow.content_hash == content_hash))
 
-    def add_scenario(self, run_id: int, cycle_id: int | None, scenario: DreamScenario,
+    def scenario_status(self, content_hash: str) -> str | None:
+        """The status of the scenario holding this content hash, or None."""
+        with self.read() as s:
+            return s.scalar(select(ScenarioRow.status).where(ScenarioRow.content_hash == content_hash))
+
+    def probe_scenarios(self, run_id: int) -> list[tuple[int, Scenario]]:
+        """The run's probe rows (status 'probe'), in the order they were stored, as (id, the
+        scenario with its meta, the probe record under meta['probe'] included)."""
+        with self.read() as s:
+            rows = s.execute(select(ScenarioRow).where(ScenarioRow.run_id == run_id, ScenarioRow.status == "probe")
+                             .order_by(ScenarioRow.id)).scalars().all()
+            return [(row.id, Scenario(kind=row.kind, source=row.source, messages=list(row.messages_json),
+                                           target=row.target, spec=row.spec, meta=dict(row.meta_json or {})))
+                    for row in rows]
+
+    def trained_scenarios(self, run_id: int, cycle_id: int | None = None) -> list[tuple[int, Any, str, Any]]:
+        """(id, messages, target, meta) of every scenario a step of `cycle_id` trained on (of the
+        whole run when None), each once."""
+        query = (select(ScenarioRow.id, ScenarioRow.messages_json, ScenarioRow.target, ScenarioRow.meta_json)
+                 .join(StepExample, StepExample.scenario_id == ScenarioRow.id)
+                 .join(TrainStep, TrainStep.id == StepExample.step_id)
+                 .where(TrainStep.run_id == run_id).distinct())
+        if cycle_id is not None:
+            query = query.where(TrainStep.cycle_id == cycle_id)
+        with self.read() as s:
+            return [tuple(row) for row in s.execute(query)]
+
+    def add_scenario(self, run_id: int, cycle_id: int | None, scenario: Scenario,
                      status: str, reject_reason: str | None = None,
                      temperature: float | None = None) -> SavedScenario:
         """Store a scenario with the screen's verdict ('accepted', 'rejected' with a reason, or
@@ -209,8 +246,8 @@ class Store(Database):
         for attempt in (0, 1):
             try:
                 with self.session() as s:
-                    original = s.scalar(select(Scenario.id).where(Scenario.content_hash == digest))
-                    row = Scenario(run_id=run_id, cycle_id=cycle_id, kind=str(scenario.kind),
+                    original = s.scalar(select(ScenarioRow.id).where(ScenarioRow.content_hash == digest))
+                    row = ScenarioRow(run_id=run_id, cycle_id=cycle_id, kind=str(scenario.kind),
                                    source=scenario.source, content_hash=digest,
                                    messages_json=scenario.messages, target=scenario.target,
                                    spec=scenario.spec, status=status, reject_reason=reject_reason,
@@ -317,6 +354,40 @@ class Store(Database):
             s.flush()
             return row.id
 
+    def start_metrics(self, run_id: int) -> dict[str, float]:
+        """The run's baseline: the first value of every metric stored with cycle_id NULL."""
+        out: dict[str, float] = {}
+        with self.read() as s:
+            for metric, value in s.execute(select(Eval.metric, Eval.value)
+                                           .where(Eval.run_id == run_id, Eval.cycle_id.is_(None))
+                                           .order_by(Eval.id)):
+                out.setdefault(metric, value)
+        return out
+
+    def rollbacks_in_a_row(self, run_id: int) -> int:
+        """Trailing controller rollbacks of the run with no committed cycle after them."""
+        with self.read() as s:
+            last_commit = s.scalar(select(Cycle.finished_at)
+                                   .where(Cycle.run_id == run_id, Cycle.status == "committed")
+                                   .order_by(Cycle.finished_at.desc()).limit(1))
+            query = select(Decision.action).where(Decision.run_id == run_id, Decision.action == "rollback",
+                                                  Decision.cycle_id.is_not(None))
+            if last_commit is not None:
+                query = query.where(Decision.created_at > last_commit)
+            return len(s.execute(query).all())
+
+    def decisions(self, run_id: int) -> list[dict[str, Any]]:
+        """The run's decisions rows, oldest first, with their cycle's number and the last
+        optimizer step of that cycle (for the report)."""
+        with self.read() as s:
+            last_step = dict(s.execute(select(TrainStep.cycle_id, func.max(TrainStep.step))
+                                       .where(TrainStep.run_id == run_id).group_by(TrainStep.cycle_id)).all())
+            return [{"cycle": number, "step": last_step.get(d.cycle_id), "action": d.action, "reason": d.reason,
+                     "before": d.before_json, "after": d.after_json, "created_at": d.created_at}
+                    for d, number in s.execute(select(Decision, Cycle.number)
+                                               .outerjoin(Cycle, Cycle.id == Decision.cycle_id)
+                                               .where(Decision.run_id == run_id).order_by(Decision.id))]
+
     def add_checkpoint(self, run_id: int, cycle_id: int | None, step: int, path: str | Path,
                        sha256: str, nbytes: int) -> int:
         """A complete checkpoint (its marker file written); returns its id."""
@@ -369,6 +440,19 @@ class Store(Database):
             return row.id
 
     # ---- views -------------------------------------------------------------------------------
+    def active_steps(self, run_id: int) -> list[dict[str, Any]]:
+        """step, loss, lr, n_general, n_behavioral, cycle_id of every active step, in order."""
+        with self.read() as s:
+            return [dict(r._mapping) for r in s.execute(
+                select(TrainStep.step, TrainStep.loss, TrainStep.lr, TrainStep.n_general, TrainStep.n_behavioral,
+                       TrainStep.cycle_id).where(TrainStep.run_id == run_id, TrainStep.status == "active")
+                .order_by(TrainStep.step))]
+
+    def metric_names(self, run_id: int) -> list[str]:
+        """Every metric name the run has evals of."""
+        with self.read() as s:
+            return [m for m, in s.execute(select(Eval.metric).where(Eval.run_id == run_id).distinct())]
+
     def cycle_summary(self, run_id: int) -> list[dict[str, Any]]:
         """Rows of the cycle_summary view for a run (docs/sql.md), by number and attempt."""
         query = (text("SELECT * FROM cycle_summary WHERE run_id = :run_id ORDER BY number, attempt")
@@ -414,11 +498,11 @@ class Store(Database):
                 select(MinhashSignature.scenario_id, MinhashSignature.signature)
                 .where(MinhashSignature.scenario_id.in_(ids), MinhashSignature.scheme == scheme))]
 
-    def accepted_without_minhash(self, scheme: str, limit: int = 500) -> dict[int, DreamScenario]:
+    def accepted_without_minhash(self, scheme: str, limit: int = 500) -> dict[int, Scenario]:
         """Accepted scenarios not yet indexed under `scheme` (oldest first), at most `limit`."""
         indexed = select(MinhashSignature.scenario_id).where(MinhashSignature.scheme == scheme)
         with self.read() as s:
-            ids = list(s.scalars(select(Scenario.id)
-                                 .where(Scenario.status == "accepted", Scenario.id.not_in(indexed))
-                                 .order_by(Scenario.id).limit(limit)))
+            ids = list(s.scalars(select(ScenarioRow.id)
+                                 .where(ScenarioRow.status == "accepted", ScenarioRow.id.not_in(indexed))
+                                 .order_by(ScenarioRow.id).limit(limit)))
         return self.load_scenarios(ids) if ids else {}

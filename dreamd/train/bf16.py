@@ -2,8 +2,8 @@
 
 bf16 keeps 8 mantissa bits: the spacing of representable values is 2^-7 relative (0.78%), so
 an update smaller than half of that rounds away. A 0.02-sized weight has a spacing of 1.2e-4;
-Adam-type steps at lr 1e-5 move it by ~1e-5, and round-to-nearest drops the step entirely
-(FACTS.md). Measured on the tiny llama in tests: ~0.1% of the intended update lands.
+Adam-type steps at lr 1e-5 move it by ~1e-5, and round-to-nearest drops the step entirely.
+Measured on the tiny llama in tests: ~0.1% of the intended update lands.
 
 How dreamd steps a bf16 model: the optimizer never sees the bf16 tensors. It steps fp32 WORK
 parameters (one persistent nn.Parameter per model parameter, so optimizer state keys are stable

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from dreamd.dream.scenario import Message, Scenario, ScenarioKind
+from dreamd.dream.scenario import Scenario, ScenarioKind
+from dreamd.chat import end_of_turn_ids, render_ids
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (torch's cross_entropy default ignore_index)."""
@@ -48,22 +49,6 @@ class Encoded:
         return len(self.input_ids)
 
 
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Token ids that end an assistant turn: EOS, plus ChatML's <|im_end|> when it is a token."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return ids
-
-
-def _render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> list[int]:
-    # Render to text, then tokenise without adding BOS/EOS: the template already wrote every
-    # special token it wants, and this is what the engines do when they build a prompt.
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def encode_scenario(tokenizer: PreTrainedTokenizerBase, scenario: Scenario, max_len: int,
                     scenario_id: int | None = None) -> Encoded:
     """Tokenise the spec-stripped conversation + target with the chat template.
@@ -73,8 +58,8 @@ def encode_scenario(tokenizer: PreTrainedTokenizerBase, scenario: Scenario, max_
     the rendered full conversation (the loss boundary would be wrong), or when the reply is empty.
     """
     full_messages = scenario.training_messages()
-    prompt = _render_ids(tokenizer, full_messages[:-1], add_generation_prompt=True)
-    full = _render_ids(tokenizer, full_messages, add_generation_prompt=False)
+    prompt = render_ids(tokenizer, full_messages[:-1], add_generation_prompt=True)
+    full = render_ids(tokenizer, full_messages, add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
         raise ValueError("chat template: the rendered prompt is not a token prefix of the rendered "
                          "conversation, so the reply's tokens cannot be separated from the context")

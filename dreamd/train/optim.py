@@ -12,8 +12,8 @@ gradient. Param groups, as apollo-torch expects them:
 Rank rule: r = min(optimizer.rank, n // 2) with n the smaller matrix dimension, because a
 projection to r >= n keeps as much state as plain Adam and saves nothing; at n // 2 the state
 is still halved. A matrix with n < 2 (r would be 0) goes to a plain group.
-Scale rule (FACTS.md): the update is multiplied by sqrt(scale) and the scaling factors shrink
-~sqrt(r/n), so scale = n/r gives an AdamW-sized step. n differs between matrices (a Qwen3.5
+Scale rule (APOLLO, arXiv 2412.05270): the update is multiplied by sqrt(scale) and the scaling
+factors shrink ~sqrt(r/n), so scale = n/r gives an AdamW-sized step. n differs between matrices (a Qwen3.5
 DeltaNet's in_proj_a is [heads, hidden]), so low-rank params are grouped by (r, scale): each
 group's scale is right for every matrix in it. `optimizer.scale` overrides n/r for all.
 Weight decay (decoupled) applies to params with 2+ dims; norms, biases, A_log, dt_bias: none.
@@ -94,7 +94,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
 # apollo-torch keeps a Python GradientProjector object per low-rank param in the optimizer
 # state (its seed advances every update_proj_gap steps; its ortho_matrix is the current random
 # projection). weights_only loading rejects the object, and dropping it silently restarts the
-# projection sequence (FACTS.md). So it is saved as a dict of its fields and rebuilt on load.
+# projection sequence. So it is saved as a dict of its fields and rebuilt on load.
 
 
 def _projector_to_dict(projector: Any) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from dreamd.config import OptimizerConfig, TrainConfig
 from dreamd.errors import CycleFailed
 from dreamd.train.activation_memory import SavedTensorMeter
-from dreamd.train.batching import batch_counts
+from dreamd.train.mix import batch_counts
 from dreamd.train.bf16 import LowPrecisionWeights
 from dreamd.train.context_frozen import AlignedBatch, align, reply_nll, wants_frozen
 from dreamd.train.examples import Encoded

@@ -7,7 +7,7 @@ Create Date: 2026-11-21
 
 Self-contained on purpose (no imports from dreamd): a migration describes the schema as it was
 at its revision, whatever the models say later. tests/test_store.py checks that the models in
-dreamd/store/models.py still match the result of all migrations.
+dreamd/store/tables.py still match the result of all migrations.
 """
 from __future__ import annotations
 

@@ -1,12 +1,21 @@
-"""Mixing examples into batches: one pass, a general share in every batch, similar lengths together.
+"""The mix: how many scenarios of each kind a cycle dreams, and how they are cut into batches.
+One pass, a general share in every batch, similar lengths together.
 
-DESIGN.md: fine-tuning forgets what it does not practise, so EVERY batch (not just the cycle on
-average) holds at least ceil(general_share * batch size) general examples. Each example is used
-exactly once (one pass over fresh data; multi-epoch training on a static set degrades results).
+Fine-tuning forgets what it does not practise, so EVERY batch (not just the cycle on average)
+holds at least ceil(general_share * batch size) general examples (mix.general_share,
+docs/config.md). Each example is used exactly once (one pass over fresh data; multi-epoch
+training on a static set degrades results).
 
-Length bucketing: behavioural and general examples are sorted by length separately and cut
-into consecutive chunks, so a batch pairs the i-th shortest behavioural chunk with the i-th
-shortest general chunk; then the batch ORDER is shuffled so training does not run short to long.
+Quotas (`kind_quotas`): the general quota is counted batch by batch, with the batch sizes
+`make_batches` forms, so the quota and the batches always agree: a cycle of 24 examples in
+batches of 4 at share 0.25 needs ceil(0.25 * 4) = 1 general example in each of its 6 batches.
+The rest is behavioural, split by the configured kind weights with the largest-remainder rule
+(deterministic, and the counts always add up).
+
+Length bucketing (`make_batches`): behavioural and general examples are sorted by length
+separately and cut into consecutive chunks, so a batch pairs the i-th shortest behavioural chunk
+with the i-th shortest general chunk; then the batch ORDER is shuffled so training does not run
+short to long.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 
+from dreamd.config import MixConfig
 from dreamd.dream.scenario import ScenarioKind
 from dreamd.train.examples import Encoded
 
@@ -79,3 +89,30 @@ def batch_counts(batch: list[Encoded]) -> tuple[int, int]:
     """(behavioural, general) examples in a batch."""
     n_general = sum(e.kind is ScenarioKind.GENERAL for e in batch)
     return len(batch) - n_general, n_general
+
+
+# ---- quotas: how many of each kind a cycle dreams ---------------------------------------------
+
+
+def general_quota(n_examples: int, batch_size: int, general_share: float) -> int:
+    """General examples needed so that each batch `make_batches` will form holds its share."""
+    return sum(math.ceil(general_share * size - 1e-9) for size in batch_sizes(n_examples, batch_size))
+
+
+def kind_quotas(mix: MixConfig, batch_size: int, n_examples: int | None = None,
+                general_share: float | None = None) -> dict[ScenarioKind, int]:
+    """Examples to accept per kind this cycle; sums to n_examples."""
+    n = mix.examples_per_cycle if n_examples is None else n_examples
+    share = mix.general_share if general_share is None else general_share
+    n_general = general_quota(n, batch_size, share)
+    weights = {ScenarioKind.ACCEPT: mix.accept, ScenarioKind.PUSHBACK: mix.pushback,
+               ScenarioKind.DERAIL: mix.derail, ScenarioKind.SELF: mix.self_facts}
+    total = sum(weights.values())
+    n_behavioral = n - n_general
+    exact = {k: n_behavioral * w / total for k, w in weights.items()}
+    quotas = {k: math.floor(v) for k, v in exact.items()}
+    short = n_behavioral - sum(quotas.values())
+    for k in sorted(exact, key=lambda k: (exact[k] - quotas[k], weights[k]), reverse=True)[:short]:
+        quotas[k] += 1
+    quotas[ScenarioKind.GENERAL] = n_general
+    return {k: v for k, v in quotas.items() if v > 0}

@@ -11,7 +11,7 @@ user can copy it away and `AutoModelForCausalLM.from_pretrained` it):
     dreamd.toml           the resolved config (loads with dreamd.config.load_config)
     COMPLETE.json         the marker, written last: sha256, bytes, per-file hashes, metrics
 
-Save protocol (torchtitan's rule, FACTS.md): write into <root>/.tmp-<name>-<pid> on the same
+Save protocol (torchtitan's rule): write into <root>/.tmp-<name>-<pid> on the same
 filesystem, fsync every file and directory, write the marker last, rename to the final name,
 fsync the root. Any failure (ENOSPC, EFBIG, an exception from safetensors, Ctrl-C) removes the
 temp dir and re-raises; earlier checkpoints are never touched before the new one is complete.
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from dreamd.config import Config, to_toml
+from dreamd.files import fsync_path, fsync_tree
 
 MARKER = "COMPLETE.json"
 TMP_PREFIX = ".tmp-"
@@ -81,22 +82,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # files, hashes, fsync
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file, then every directory bottom-up, so names and contents are durable."""
-    for dirpath, _dirs, files in os.walk(root, topdown=False):
-        for name in files:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
 
 
 def _file_sha256(path: Path) -> str:
@@ -306,7 +291,7 @@ class CheckpointDir:
             _write_json(tmp / LOOP_STATE, dict(loop_state))
             if config is not None:
                 (tmp / CONFIG_TOML).write_text(to_toml(config))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             files = {rel: {"bytes": (tmp / rel).stat().st_size, "sha256": _file_sha256(tmp / rel)}
                      for rel in _payload_files(tmp)}
             manifest = {
@@ -316,10 +301,10 @@ class CheckpointDir:
                 "files": files, "metrics": dict(metrics or {}), "loop_state": dict(loop_state),
             }
             _write_json(tmp / MARKER, manifest)  # the marker, last
-            _fsync_path(tmp / MARKER)
-            _fsync_path(tmp)
+            fsync_path(tmp / MARKER)
+            fsync_path(tmp)
             os.rename(tmp, final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -358,7 +343,7 @@ class CheckpointDir:
                 continue
             doomed = self.root / f"{TMP_PREFIX}deleting-{p.name}"
             os.rename(p, doomed)  # atomic: no marked-but-partial directory is ever visible
-            _fsync_path(self.root)
+            fsync_path(self.root)
             shutil.rmtree(doomed, ignore_errors=True)
             removed.append(p)
         return removed

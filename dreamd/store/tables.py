@@ -115,7 +115,7 @@ def created_at_column() -> Mapped[datetime]:
     return mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
 
 
-class Run(Base):
+class RunRow(Base):
     """One run of the daemon on one model: resumed while unfinished (status running/stopped)."""
 
     __tablename__ = "runs"
@@ -157,7 +157,7 @@ class Cycle(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
-class Scenario(Base):
+class ScenarioRow(Base):
     """Every dreamed (or replayed) example, accepted or rejected, and the fixed eval probes.
 
     content_hash is UNIQUE over the whole history. An exact duplicate is still stored, as
