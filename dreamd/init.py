@@ -45,7 +45,7 @@ def demo_config(arch: Arch, seed: int) -> Config:
     cfg.run.state_dir = Path("state")
     cfg.model.path = Path("model")
     cfg.model.max_seq_len = 1024
-    # A random-initialised tiny model is far from a pretrained LLM: DESIGN.md's 1e-5 would move
+    # A random-initialised tiny model is far from a pretrained LLM: the real-model lr of 1e-5 (docs/efficacy.md) would move
     # it too little to see in three cycles, so the demo trains at 1e-3 (lr_max 3e-3).
     cfg.train.lr_max = 3e-3
     cfg.train.lr = 1e-3

@@ -22,9 +22,9 @@ from sqlalchemy import text
 
 from dreamd.config import load_config
 from dreamd.cycle import run_cycle
-from dreamd.evals import probes
+from dreamd.evals import probes, suite
 from dreamd.init import init_from_gguf
-from dreamd.loop import open_parts
+from dreamd.run import open_run
 from tests.real_model import REAL_MODEL, smollm2_dir  # noqa: F401  (fixture)
 
 SMALL = {
@@ -58,11 +58,11 @@ def test_real_model_cycle_accepts_model_written_scenarios(smollm2_dir, tmp_path,
     cfg_path = init_from_gguf(tmp_path / "real", model=REAL_MODEL)
     cfg = load_config(cfg_path, environ=SMALL)
     assert cfg.model.max_seq_len == 2048 and cfg.train.lr == 1e-5
-    opened = probes.ProbeSuite.open.__func__
-    monkeypatch.setattr(probes.ProbeSuite, "open", classmethod(
+    opened = suite.ProbeSuite.open.__func__
+    monkeypatch.setattr(suite.ProbeSuite, "open", classmethod(
         lambda cls, *a, **k: opened(cls, *a, **{**k, "sizes": SMALL_PROBES})))
 
-    parts, state = open_parts(cfg)
+    parts, state = open_run(cfg)
     result = run_cycle(parts, state)
     store, run = parts.store, parts.run_id
     assert result.status == "committed", result

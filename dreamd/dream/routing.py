@@ -1,11 +1,11 @@
 """Who writes each candidate: the dreamer the cycle talks to, and how it is built.
 
-    dreamer, screener = open_dreaming(cfg, store, run_id, engine, model.config)   # dreamd.loop
+    dreamer, screener = open_dreaming(cfg, store, run_id, engine, model.config)   # dreamd.run
 
 `RoutingDreamer.dream(kind, rng)` hands each request to a writer:
 
-  general            always the template dreamer's procedural tasks (DESIGN.md: general data
-                     is replay, self-replay or procedural; never model-written)
+  general            always the template dreamer's procedural tasks (docs/dreaming.md: general
+                     data is replay, self-replay or procedural; never model-written)
   dream.source       'template': the template dreamer; 'model': the model dreamer; 'mixed': the
                      model for a `mixed_model_share` of the behavioural candidates (a draw from
                      the cycle's rng), the templates for the rest
@@ -141,7 +141,7 @@ def fewshot_examples(template: Any) -> Callable[[ScenarioKind, random.Random, An
 
 
 def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any, model_config: Any) -> tuple[Any, Any]:
-    """The dreamer and the screener of a run (called once by loop.open_parts).
+    """The dreamer and the screener of a run (called once by run.open_run).
 
     The screener has every rule (screen_rules.py), including near duplicates against the
     store; accepted scenarios enter the near-duplicate index as the cycle stores them, and any
