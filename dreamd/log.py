@@ -14,6 +14,18 @@ def interactive() -> bool:
     return sys.stderr.isatty() and os.environ.get("DREAMD_LOG_FORMAT", "") != "json"
 
 
+class StderrLogger:
+    """structlog's logger: each line goes to sys.stderr as it is at the call. PrintLoggerFactory
+    binds the stream object of the moment it is configured, so a CLI call under a replaced
+    stderr (pytest's capture, a redirect that is closed later) left every later log line
+    writing to a closed file: "ValueError: I/O operation on closed file"."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
 def setup_logging(level: str = "info") -> None:
     renderer = (structlog.dev.ConsoleRenderer(colors=True) if interactive()
                 else structlog.processors.JSONRenderer(sort_keys=False))
@@ -25,7 +37,7 @@ def setup_logging(level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: StderrLogger(),
         cache_logger_on_first_use=False,
     )
     # transformers / bitsandbytes chatter (missing optional kernels) is not ours to show each run.
