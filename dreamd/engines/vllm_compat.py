@@ -266,14 +266,11 @@ def push_in_worker(worker: Any, weights: list[tuple[str, torch.Tensor]], tied: b
     bracket = _layerwise_reload() if layerwise else None
     with torch.no_grad():
         if bracket is not None:
-            initialize, finalize = bracket
-            initialize(model)
-            expected = {name for name, _ in model.named_parameters()}
-            loaded = set(model.load_weights(iter(weights)))
-            finalize(model, worker.model_config)
-        else:
-            expected = {name for name, _ in model.named_parameters()}
-            loaded = set(model.load_weights(iter(weights)))
+            bracket[0](model)  # initialize: parameters back in checkpoint format (their names)
+        expected = {name for name, _ in model.named_parameters()}
+        loaded = set(model.load_weights(iter(weights)))
+        if bracket is not None:
+            bracket[1](model, worker.model_config)  # finalize: re-run each layer's processing
         if tied:
             _refresh_tied_head(model)
     # A tied lm_head is the embedding: vLLM skips 'lm_head.*' on load, by design.
