@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from dreamd.dream.routing import fewshot_examples
     from dreamd.dream.scenario import ScenarioKind
     from dreamd.dream.screen import Screener
-    from dreamd.dream.screen_rules import add_dream_rules
+    from dreamd.evals.forgetting import screen_rule as forgetting_rule
+    from dreamd.evals.probes import HELDOUT_DOMAINS
     from dreamd.dream.taxonomy import load_taxonomy
     from dreamd.dream.templates import TemplateDreamer
     from dreamd.engines.hf import TransformersEngine
@@ -56,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     config = DreamConfig(batch_size=args.batch_size, situation_max_tokens=args.situation_max_tokens,
                          reply_max_tokens=args.reply_max_tokens, judge_max_tokens=args.judge_max_tokens)
     dreamer = ModelDreamer(engine, spec=DEFAULT_SPEC, config=config, taxonomy=load_taxonomy(),
-                           examples=fewshot_examples(TemplateDreamer(spec=DEFAULT_SPEC, seed=0)) if args.fewshot else None,
+                           examples=fewshot_examples(TemplateDreamer(spec=DEFAULT_SPEC, seed=0), HELDOUT_DOMAINS) if args.fewshot else None,
                            fewshot=args.fewshot)
-    screener = add_dream_rules(Screener(ScreenConfig(), model_config=model.config), EvalConfig())
+    screener = Screener(ScreenConfig(), model_config=model.config, forgetting=forgetting_rule(EvalConfig()))
     rng = random.Random(args.seed)
     out = args.samples.open("w") if args.samples else None
     print(f"model {args.model_dir}, few-shot {args.fewshot}, budgets situation/reply/judge "

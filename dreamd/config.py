@@ -214,8 +214,8 @@ class ScreenConfig(Section):
     max_target_chars: Annotated[int, Field(ge=20)] = 6_000
     """Longest target reply in characters."""
     max_tokens: Annotated[int | None, Field(ge=16)] = None
-    """Longest tokenised example; checked only when the screener is given a token counter. None:
-    the cycle passes model.max_seq_len."""
+    """Longest tokenised example, checked by the screener's encode rule; model.max_seq_len
+    always applies, so this matters only below it. None: model.max_seq_len alone."""
     honesty_patterns: list[str] = DEFAULT_HONESTY_PATTERNS
     """Regexes (case-insensitive) that mark a target as narrating an invented inner state or a
     subjective self-claim ("I'm curious", "I feel", "As an AI language model ..."). Replacing

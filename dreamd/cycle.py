@@ -74,18 +74,13 @@ def dream_and_screen(run: Run, state: RunState, cycle_id: int, rng: random.Rando
                                   f"{attempts} candidates; see scenarios.reject_reason for why")
             attempts += 1
             scenario = run.dreamer.dream(kind, rng, model_config=run.model_config)
-            verdict = run.screener.screen(scenario)
-            encoded, reason = None, verdict.reason
-            if verdict.ok:
-                try:
-                    encoded = encode_scenario(run.tokenizer, scenario, cfg.model.max_seq_len)
-                except ValueError as exc:
-                    reason = f"encode: {exc}"
+            verdict = run.screener.screen(scenario)    # rules, then the encoding (dream/screen.py)
             saved = run.store.add_scenario(state.run_id, cycle_id, scenario,
-                                             status="accepted" if encoded else "rejected",
-                                             reject_reason=None if encoded else reason,
-                                             temperature=scenario.meta.get("temperature"))
-            ok = encoded is not None and saved.duplicate_of is None
+                                           status="accepted" if verdict.ok else "rejected",
+                                           reject_reason=verdict.reason,
+                                           temperature=scenario.meta.get("temperature"))
+            encoded = verdict.encoded
+            ok = verdict.ok and saved.duplicate_of is None
             run.dreamer.observe(scenario, ok)    # the model dreamer adapts its temperature
             if not ok:
                 rejected += 1

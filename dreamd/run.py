@@ -121,7 +121,7 @@ class Run:
         """Rebuild the dreamer and screener from self.cfg, as one unit (after a SIGHUP that
         changed screen.*)."""
         self.dreamer, self.screener = open_dreaming(self.cfg, self.store, self.run_id, self.engine,
-                                                    self.model.config, self.probes)
+                                                    self.model, self.tokenizer, self.probes)
 
     def open_window(self) -> TrainingWindow:
         """The sleep/wake/push/canary sequence around this cycle's training (engines/window.py)."""
@@ -283,7 +283,7 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     # ---- probes: drawn once per run (stored, status 'probe'), held out of training by a
     # screening rule, and measured before the first cycle (the baseline, evals.cycle_id NULL) ----
     probes = ProbeSuite.open(store, run_id, cfg.run.state_dir, TemplateDreamer(spec=cfg.spec_text))
-    dreamer, screener = open_dreaming(cfg, store, run_id, engine, model.config, probes)
+    dreamer, screener = open_dreaming(cfg, store, run_id, engine, model, tokenizer, probes)
     run = Run(cfg=cfg, store=store, run_id=run_id, model=model, tokenizer=tokenizer, engine=engine,
               trainer=trainer, checkpoints=checkpoints, probes=probes, dreamer=dreamer, screener=screener,
               hooks=hooks or RunHooks())
@@ -294,14 +294,24 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     return run, state
 
 
-def open_dreaming(cfg: Config, store: Store, run_id: int, engine: Engine, model_config: Any,
-                  probes: ProbeSuite) -> tuple[HeldOutDreamer, Screener]:
-    """The dreamer and screener as one unit: dream.source picks the writers, the screener gets
-    every rule (near duplicates included), and the probes' hold-out wraps both."""
+def open_dreaming(cfg: Config, store: Store, run_id: int, engine: Engine, model: PreTrainedModel,
+                  tokenizer: PreTrainedTokenizerBase, probes: ProbeSuite) -> tuple[HeldOutDreamer, Screener]:
+    """The dreamer and screener as one unit: dream.source picks the writers (dream/routing.py),
+    held out of the probe domains; the screener runs its one ordered rule list (dream/screen.py)
+    with this run's rules: the probes' hold-out, the forgetting probes, near duplicates against
+    the store, and the encoding into a training example."""
     from dreamd.dream.routing import open_dreaming as open_writers
+    from dreamd.dream.screen import Screener
+    from dreamd.evals.forgetting import screen_rule as forgetting_rule
+    from dreamd.evals.probes import HELDOUT_DOMAINS, HeldOutDreamer
+    from dreamd.train.examples import encode_scenario
 
-    dreamer, screener = open_writers(cfg, store, run_id, engine, model_config)
-    return probes.hold_out(dreamer, screener), screener
+    writers, near_dups = open_writers(cfg, store, run_id, engine, HELDOUT_DOMAINS)
+    screener = Screener(cfg.screen, seen=lambda h: store.hash_exists(h) is not None, model_config=model.config,
+                        probe=probes.screen_rule(), forgetting=forgetting_rule(cfg.eval),
+                        near_dups=near_dups.problem,
+                        encode=lambda s: encode_scenario(tokenizer, s, cfg.model.max_seq_len))
+    return HeldOutDreamer(writers), screener
 
 
 def settle_checkpoint_rows(store: Store, run_id: int, path: Path, loaded: LoadedCheckpoint) -> None:

@@ -20,7 +20,7 @@ from dreamd.dream.prompts import example_seed, judge_examples, judge_prompt, ren
 from dreamd.dream.routing import fewshot_examples
 from dreamd.dream.scenario import ScenarioKind
 from dreamd.dream.screen import Screener
-from dreamd.dream.screen_rules import add_dream_rules
+from dreamd.evals.forgetting import screen_rule as forgetting_rule
 from dreamd.dream.taxonomy import draw_seed, load_taxonomy
 from dreamd.dream.templates import TemplateDreamer
 from dreamd.engines.base import Completion
@@ -33,7 +33,7 @@ KINDS = [ScenarioKind.ACCEPT, ScenarioKind.PUSHBACK, ScenarioKind.DERAIL, Scenar
 
 @pytest.fixture(scope="module")
 def examples():
-    return fewshot_examples(TemplateDreamer(spec=DEFAULT_SPEC, seed=0))
+    return fewshot_examples(TemplateDreamer(spec=DEFAULT_SPEC, seed=0), HELDOUT_DOMAINS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,7 +97,7 @@ class EchoEngine:
 def test_copying_an_example_is_rejected(examples):
     dreamer = ModelDreamer(EchoEngine(), spec=DEFAULT_SPEC, config=DreamConfig(batch_size=4),
                            taxonomy=load_taxonomy(), examples=examples)
-    screener = add_dream_rules(Screener(ScreenConfig(), model_config=CONFIG), EvalConfig())
+    screener = Screener(ScreenConfig(), model_config=CONFIG, forgetting=forgetting_rule(EvalConfig()))
     copied = "parse: situation: copies its few-shot example"
     for kind in KINDS:
         batch = dreamer.write_batch(kind, random.Random(4), CONFIG)
@@ -138,7 +138,7 @@ def test_self_replies_are_greedy_other_kinds_sampled():
 
     engine = OracleEngine()
     dreamer = ModelDreamer(engine, spec=DEFAULT_SPEC, config=DreamConfig(batch_size=3, reply_temperature=0.6),
-                           taxonomy=load_taxonomy(), examples=fewshot_examples(TemplateDreamer(spec="", seed=0)))
+                           taxonomy=load_taxonomy(), examples=fewshot_examples(TemplateDreamer(spec="", seed=0), HELDOUT_DOMAINS))
     dreamer.write_batch(ScenarioKind.SELF, random.Random(6), CONFIG)
     dreamer.write_batch(ScenarioKind.DERAIL, random.Random(6), CONFIG)
     replies = [s.temperature for stage, s in engine.calls if stage == "reply"]

@@ -27,12 +27,11 @@ from dreamd.dream.prompts import situation_prompt
 from dreamd.dream.routing import RoutingDreamer, disclose
 from dreamd.dream.scenario import Scenario, ScenarioKind
 from dreamd.dream.screen import Screener
-from dreamd.dream.screen_rules import add_dream_rules
+from dreamd.evals.forgetting import screen_rule as forgetting_rule
 from dreamd.dream.taxonomy import draw_seed, load_memories, load_taxonomy
 from dreamd.dream.templates import TemplateDreamer
 from dreamd.errors import UsageError
 from dreamd.evals.forgetting import arithmetic_probes
-from tests.conftest import init_setup
 from tests.scripted_engines import VALID, OracleEngine
 
 MODEL_CONFIG = Qwen3_5TextConfig(num_hidden_layers=8, hidden_size=64, intermediate_size=128,
@@ -46,7 +45,7 @@ def dreamer_for(engine, **cfg) -> ModelDreamer:
 
 
 def screener() -> Screener:
-    return add_dream_rules(Screener(ScreenConfig(), model_config=MODEL_CONFIG), EvalConfig())
+    return Screener(ScreenConfig(), model_config=MODEL_CONFIG, forgetting=forgetting_rule(EvalConfig()))
 
 
 # ---- parsing --------------------------------------------------------------------------------
@@ -365,13 +364,6 @@ def test_mixed_source_and_synthetic_disclosure() -> None:
 
 
 # ---- end to end: `dreamd once` on the CPU tiny model ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def setup_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("init")
-    init_setup(root)
-    return root
 
 
 @pytest.mark.slow

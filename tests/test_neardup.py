@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from dreamd.config import ScreenConfig, load_config
+from dreamd.config import EvalConfig, ScreenConfig, load_config
 from dreamd.cycle import run_cycle
 from dreamd.dream.neardup import (
     BANDS,
@@ -24,7 +24,7 @@ from dreamd.dream.neardup import (
 )
 from dreamd.dream.scenario import Scenario
 from dreamd.dream.screen import Screener
-from dreamd.dream.screen_rules import add_dream_rules
+from dreamd.evals.forgetting import screen_rule as forgetting_rule
 from dreamd.dream.templates import TemplateDreamer
 from dreamd.run import open_run
 from dreamd.store import Store
@@ -177,8 +177,8 @@ def test_screener_orders_exact_before_near_duplicates(store: Store) -> None:
     run_id = store.start_run("r", "{}", "/m", 0)
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 8)
     index = NearDupIndex(store)
-    screener = add_dream_rules(Screener(ScreenConfig(), seen=lambda h: store.hash_exists(h) is not None),
-                               near_dups=index)
+    screener = Screener(ScreenConfig(), seen=lambda h: store.hash_exists(h) is not None,
+                        forgetting=forgetting_rule(EvalConfig()), near_dups=index.problem)
     assert [name for name, _ in screener.rules] == ["parse", "check", "format", "kind", "honesty", "judge",
                                                     "forgetting_probe", "duplicate", "near_duplicate"]
     body = words_text(rng, 60)

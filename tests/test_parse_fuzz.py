@@ -23,7 +23,7 @@ from dreamd.dream.model_dreamer import ModelDreamer
 from dreamd.dream.neardup import NearDupIndex
 from dreamd.dream.parse import MAX_OUTPUT_CHARS, ParseError, parse_situation, parse_verdict
 from dreamd.dream.screen import Screener
-from dreamd.dream.screen_rules import add_dream_rules
+from dreamd.evals.forgetting import screen_rule as forgetting_rule
 from dreamd.dream.taxonomy import load_taxonomy
 from dreamd.engines.hf import TransformersEngine
 from dreamd.store import Store
@@ -98,8 +98,8 @@ def test_checker_never_raises_on_random_expressions() -> None:
 
 
 def fuzz_screener(store: Store) -> Screener:
-    screener = Screener(ScreenConfig(), seen=lambda h: store.hash_exists(h) is not None)
-    return add_dream_rules(screener, EvalConfig(), NearDupIndex(store))
+    return Screener(ScreenConfig(), seen=lambda h: store.hash_exists(h) is not None,
+                    forgetting=forgetting_rule(EvalConfig()), near_dups=NearDupIndex(store).problem)
 
 
 def test_fuzzed_dreamer_pipeline_stores_every_candidate_with_a_reason(store: Store) -> None:

@@ -99,8 +99,7 @@ def test_injected_action_strips_every_opener() -> None:
 
 
 def test_screen_rule_rejects_held_out_domains_and_probe_conversations(probes) -> None:
-    screener = Screener()
-    screener.add_rule("probe", screen_rule(probes), before=screener.rules[0][0])
+    screener = Screener(probe=screen_rule(probes))
     rng = random.Random(3)
     held, kept = 0, 0
     for _ in range(300):
@@ -215,14 +214,12 @@ def test_held_out_dreamer_redraws_template_draws_only() -> None:
     assert HeldOutDreamer(ModelWriter()).dream("accept", rng).meta["domain"] == "units"
 
 
-def test_hold_out_is_added_once(tmp_path: Path, probes) -> None:
+def test_probe_suite_rule_is_the_screeners_probe_rule(tmp_path: Path, probes) -> None:
     from dreamd.evals.suite import ProbeSuite
 
-    suite = ProbeSuite(probes, tmp_path)
-    screener = Screener()
-    dreamer = suite.hold_out(DREAMER, screener)
+    screener = Screener(probe=ProbeSuite(probes, tmp_path).screen_rule())
     names = [n for n, _ in screener.rules]
-    assert isinstance(dreamer, HeldOutDreamer) and names.index("probe") == names.index("kind") - 1
-    # again (a reload that kept them): no second rule, no second wrapper
-    assert suite.hold_out(dreamer, screener) is dreamer
-    assert [n for n, _ in screener.rules].count("probe") == 1
+    assert names.index("probe") == names.index("kind") - 1  # after format, before the kind checks
+    held = next(p for p in probes.probes if p.family == "accept")
+    verdict = screener(Scenario(ScenarioKind.ACCEPT, "model", held.messages, "ok", meta={"domain": "units"}))
+    assert verdict.reason == "probe: domain units is held out for the probes"

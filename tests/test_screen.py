@@ -5,6 +5,7 @@ reason."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 from pydantic import ValidationError
@@ -13,7 +14,8 @@ from transformers import Qwen3_5TextConfig
 from dreamd.config import Config, ScreenConfig
 from dreamd.dream.honesty import HonestyLint
 from dreamd.dream.scenario import Scenario
-from dreamd.dream.screen import Screener, Verdict, states_answer
+from dreamd.dream.screen import Screener, Verdict
+from dreamd.dream.screen_rules import states_answer
 from dreamd.dream.templates import TemplateDreamer
 
 SPEC = "Follow sound directions; push back on wrong ones with the specific reason."
@@ -104,18 +106,32 @@ def test_format_rule_rejects(change: dict, reason: str) -> None:
     assert not verdict.ok and verdict.reason.startswith(reason), verdict.reason
 
 
-def test_format_rule_limits_and_token_hook() -> None:
+def test_format_rule_limits_and_encode_token_limit() -> None:
     s = scenario()
     assert Screener()(s).ok
     assert Screener(ScreenConfig(max_chars=100))(scenario(target="y" * 120)).reason == \
         f"format: {len(scenario(target='y' * 120).text)} chars > max_chars 100"
-    count = lambda sc: len(sc.text.split())  # noqa: E731 - a real counter: whitespace tokens
-    n = count(scenario())
-    assert Screener(count_tokens=count, max_tokens=5)(scenario()).reason == f"format: {n} tokens > max_tokens 5"
-    assert Screener(count_tokens=count, max_tokens=50)(scenario()).ok
+
+    @dataclass
+    class Words:  # a real encoding: whitespace tokens
+        n_tokens: int
+
+    def encode(sc: Scenario) -> Words:
+        if "unrenderable" in sc.target:
+            raise ValueError("chat template: the rendered prompt is not a token prefix")
+        return Words(len(sc.text.split()))
+
+    n = encode(scenario()).n_tokens
+    verdict = Screener(ScreenConfig(max_tokens=16), encode=encode)(scenario())
+    assert verdict.ok and verdict.encoded == Words(n)  # the training example rides on the verdict
     wordy = scenario(target="`x.sort(reverse=True)` " + "ok " * 30)
-    assert Screener(ScreenConfig(max_tokens=16), count_tokens=count)(wordy).rule == "format"
-    assert Screener(ScreenConfig(max_tokens=16))(wordy).ok  # no counter: the hook is idle
+    assert Screener(ScreenConfig(max_tokens=16), encode=encode)(wordy).reason == \
+        f"encode: {encode(wordy).n_tokens} tokens > max_tokens 16"
+    assert Screener(ScreenConfig(max_tokens=16))(wordy).ok  # no encoding given: nothing counts tokens
+    broken = Screener(encode=encode)
+    bad = scenario(target="`x.sort(reverse=True)` unrenderable")
+    assert broken(bad).reason == "encode: chat template: the rendered prompt is not a token prefix"
+    assert broken(bad).rule == "encode"  # not remembered as accepted: the same content fails the same way
 
 
 # ---- kind -------------------------------------------------------------------------------------
@@ -212,16 +228,18 @@ def test_duplicate_rule_uses_seen_and_remembers_accepted() -> None:
     assert screener(rejected).rule == "honesty" and screener(rejected).rule == "honesty"  # not remembered
 
 
-def test_add_rule() -> None:
-    screener = Screener()
-    screener.add_rule("length_ratio", lambda s: "target longer than the context" if len(s.target) > 200 else None,
-                      before="duplicate")
-    assert [n for n, _ in screener.rules] == ["format", "kind", "honesty", "length_ratio", "duplicate"]
-    assert screener(scenario(target="z" * 300)).reason == "length_ratio: target longer than the context"
-    with pytest.raises(ValueError, match="already exists"):
-        screener.add_rule("kind", lambda s: None)
-    with pytest.raises(ValueError, match="no screening rule named"):
-        screener.add_rule("other", lambda s: None, before="nope")
+def test_one_ordered_rule_list() -> None:
+    assert [n for n, _ in Screener().rules] == ["parse", "check", "format", "kind", "honesty", "judge", "duplicate"]
+    run_rules = dict(probe=lambda s: None, forgetting=lambda s: None,
+                     near_dups=lambda s: "Jaccard 0.9 with scenario 1" if "twin" in s.target else None)
+    screener = Screener(**run_rules)
+    assert [n for n, _ in screener.rules] == ["parse", "check", "format", "probe", "kind", "honesty", "judge",
+                                             "forgetting_probe", "duplicate", "near_duplicate"]
+    assert screener(scenario(target="`x.sort(reverse=True)` twin")).reason == \
+        "near_duplicate: Jaccard 0.9 with scenario 1"
+    # the first problem decides: a held-out probe domain is reported before its kind problem
+    held = Screener(probe=lambda s: "domain units is held out for the probes")
+    assert held(scenario(target="That looks wrong.")).rule == "probe"
 
 
 # ---- the dreamer's output -----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Near duplicates: MinHash signatures and LSH bands, persisted in the store.
 
     index = NearDupIndex(store, threshold=cfg.screen.near_dup_threshold)
-    screener.add_rule("near_duplicate", index.problem)   # "Jaccard ~0.86 with scenario 17 ..."
+    Screener(..., near_dups=index.problem)               # "Jaccard ~0.86 with scenario 17 ..."
     index.add(scenario, scenario_id)                      # only ACCEPTED scenarios, once stored
 
 What is compared: the scenario's whole text (messages + target), normalised like the content

@@ -1,6 +1,6 @@
 """Who writes each candidate: the dreamer the cycle talks to, and how it is built.
 
-    dreamer, screener = open_dreaming(cfg, store, run_id, engine, model.config)   # dreamd.run
+    dreamer, near_dups = open_dreaming(cfg, store, run_id, engine, HELDOUT_DOMAINS)   # dreamd.run
 
 `RoutingDreamer.dream(kind, rng)` hands each request to a writer:
 
@@ -30,11 +30,12 @@ its temperature), counts the model's streak, and hands accepted scenarios to `on
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from dreamd.config import Config, DreamConfig
+from dreamd.dream.neardup import NearDupIndex
 from dreamd.dream.scenario import Scenario, ScenarioKind
 from dreamd.log import get_logger
 
@@ -125,31 +126,29 @@ class RoutingDreamer:
             self.on_event("dream.fallback", detail)
 
 
-def fewshot_examples(template: Any) -> Callable[[ScenarioKind, random.Random, Any], Scenario]:
+def fewshot_examples(template: Any, held_out: Collection[str]) -> Callable[[ScenarioKind, random.Random, Any], Scenario]:
     """Few-shot examples for the model dreamer: template scenarios of the kind (correct by
-    construction), never from the probes' held-out domains (the model must not be shown them)."""
-    from dreamd.evals.probes import HELDOUT_DOMAINS
+    construction), never from the `held_out` domains (the probes' own: the model must not be
+    shown them; the run passes evals.probes.HELDOUT_DOMAINS)."""
 
     def draw(kind: ScenarioKind, rng: random.Random, model_config: Any) -> Scenario:
         for _ in range(64):
             example = template.dream(kind, rng, model_config)
-            if example.meta.get("domain") not in HELDOUT_DOMAINS:
+            if example.meta.get("domain") not in held_out:
                 return example
         raise RuntimeError(f"no {kind.value} template example outside the held-out domains in 64 draws")
 
     return draw
 
 
-def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any, model_config: Any) -> tuple[Any, Any]:
-    """The dreamer and the screener of a run (called once by run.open_run).
-
-    The screener has every rule (screen_rules.py), including near duplicates against the
-    store; accepted scenarios enter the near-duplicate index as the cycle stores them, and any
-    accepted scenario not yet indexed (a store from before migration 0002) is indexed now."""
+def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any,
+                  held_out: Collection[str]) -> tuple[RoutingDreamer, NearDupIndex]:
+    """The writers of a run (called once by run.open_run, which builds the screener around
+    them): the template dreamer, the model dreamer when dream.source asks for it, and the
+    near-duplicate index they feed. Accepted scenarios enter the index as the cycle stores
+    them; any accepted scenario not yet indexed (a store from before migration 0002) is
+    indexed now."""
     from dreamd.dream.model_dreamer import ModelDreamer
-    from dreamd.dream.neardup import NearDupIndex
-    from dreamd.dream.screen import Screener
-    from dreamd.dream.screen_rules import add_dream_rules
     from dreamd.dream.taxonomy import load_memories, load_taxonomy
     from dreamd.dream.templates import TemplateDreamer
 
@@ -157,9 +156,6 @@ def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any, model_confi
     indexed = near_dups.backfill()
     if indexed:
         log.info("dream.near_dup_backfill", indexed=indexed)
-    screener = Screener(cfg.screen, seen=lambda h: store.hash_exists(h) is not None,
-                        model_config=model_config)
-    add_dream_rules(screener, cfg.eval, near_dups)
 
     def index_accepted(scenario: Scenario) -> None:
         scenario_id = store.hash_exists(scenario.content_hash)
@@ -172,7 +168,7 @@ def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any, model_confi
         model = ModelDreamer(engine, spec=cfg.spec_text, config=cfg.dream,
                              taxonomy=load_taxonomy(cfg.dream.taxonomy_file),
                              memories=load_memories(cfg.dream.seed_corpus),
-                             examples=fewshot_examples(TemplateDreamer(spec=cfg.spec_text, seed=cfg.run.seed)))
+                             examples=fewshot_examples(TemplateDreamer(spec=cfg.spec_text, seed=cfg.run.seed), held_out))
     dreamer = RoutingDreamer(template, model, cfg.dream, on_accepted=index_accepted,
                              on_event=lambda kind, detail: store.add_event(run_id, kind, detail))
-    return dreamer, screener
+    return dreamer, near_dups

@@ -26,8 +26,10 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -102,6 +104,21 @@ def touches_forgetting_probe(text: str, eval_cfg: EvalConfig | None = None) -> b
         if (int(m.group(1)), canon.get(m.group(2), m.group(2)), int(m.group(3))) in probes:
             return True
     return False
+
+
+def screen_rule(eval_cfg: EvalConfig) -> Callable[[Any], str | None]:
+    """The screener's 'forgetting_probe' rule (dream/screen.py): rejects a scenario whose text
+    states one of the fixed arithmetic probes. Builds the probes now, so a config that cannot
+    build them fails at start-up, not mid-cycle."""
+    n = eval_cfg.arithmetic_n
+    arithmetic_probes(n)
+
+    def rule(scenario: Any) -> str | None:
+        if touches_forgetting_probe(scenario.text, eval_cfg):
+            return f"states one of the {n} fixed arithmetic probes (evals/forgetting.py)"
+        return None
+
+    return rule
 
 
 _INT = re.compile(r"[-−]?\d{1,3}(?:,\d{3})+(?!\d)|[-−]?\d+")

@@ -263,7 +263,7 @@ def build_probe_set(dreamer: Any, sizes: ProbeSizes = ProbeSizes(), seed: int = 
 
 
 def screen_rule(probes: ProbeSet) -> Callable[[Scenario], str | None]:
-    """A screening rule (Screener.add_rule('probe', ...)): rejects training candidates from a
+    """The screener's 'probe' rule (dream/screen.py): rejects training candidates from a
     held-out domain and any conversation a probe asks."""
     prompts = probes.prompt_hashes
 

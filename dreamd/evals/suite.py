@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dreamd.dream.scenario import Scenario
 from dreamd.evals.attention import attention_maps, attention_metrics, load_baseline, save_baseline
 from dreamd.evals.behaviour import behaviour_metrics
 from dreamd.evals.calibration import calibration_metrics, code_answer_metrics
-from dreamd.evals.probes import (HeldOutDreamer, ProbeSet, ProbeSizes, check_disjoint, open_probes,
-                                 screen_rule)
+from dreamd.evals.probes import ProbeSet, ProbeSizes, check_disjoint, open_probes, screen_rule
 from dreamd.evals.steering import steering_metrics
 
 ATTENTION_BASELINE = "attention_baseline.pt"
@@ -45,14 +46,10 @@ class ProbeSuite:
              sizes: ProbeSizes = ProbeSizes()) -> ProbeSuite:
         return cls(open_probes(store, run_id, dreamer, sizes), Path(state_dir) / "probes" / f"run-{run_id}")
 
-    def hold_out(self, dreamer: Any, screener: Any) -> Any:
-        """Keep the probes out of training: add the 'probe' screening rule (first, it is cheap)
-        to `screener` and return `dreamer` wrapped in HeldOutDreamer. Call it wherever the
-        dreamer and screener are (re)built: at run start and after a reload rebuilds them."""
-        if "probe" not in [name for name, _ in screener.rules]:
-            # After parse/format (garbage is rejected as garbage), before the kind checks.
-            screener.add_rule("probe", screen_rule(self.probe_set), before="kind")
-        return dreamer if isinstance(dreamer, HeldOutDreamer) else HeldOutDreamer(dreamer)
+    def screen_rule(self) -> Callable[[Scenario], str | None]:
+        """The screener's 'probe' rule: no training scenario from a held-out domain or asking
+        a probe's conversation (evals/probes.py)."""
+        return screen_rule(self.probe_set)
 
     @property
     def has_baseline(self) -> bool:
