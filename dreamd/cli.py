@@ -17,7 +17,7 @@ DEFAULT_CONFIG = "dreamd.toml"
 
 
 def _config(args: argparse.Namespace):
-    from dreamd.config import load_config
+    from dreamd.config_file import load_config
 
     path = Path(args.config) if args.config else None
     if path is None and Path(DEFAULT_CONFIG).exists():
@@ -90,7 +90,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from dreamd.config import to_toml
+    from dreamd.config_file import to_toml
     from dreamd.config_docs import explain
 
     if args.explain:

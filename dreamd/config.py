@@ -1,4 +1,5 @@
-"""dreamd's configuration: one pydantic model per component, loaded from TOML.
+"""dreamd's configuration: one pydantic model per component (the schema). Reading it from TOML
+and the environment, and writing it back, is config_file.py (`load_config`, `to_toml`).
 
 Precedence, lowest to highest: the defaults below, the TOML file (`--config PATH`), then
 environment variables `DREAMD_<SECTION>__<FIELD>` (e.g. `DREAMD_TRAIN__LR=3e-5`,
@@ -12,17 +13,14 @@ general share >= 0.25.
 
 from __future__ import annotations
 
-import json
-import os
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dreamd.errors import UsageError
 
-ENV_PREFIX = "DREAMD_"
+MINUTES_PER_YEAR = 366 * 24 * 60.0
+"""Upper bound of every minutes field: a datetime can add it (1e308 minutes overflows)."""
 
 DEFAULT_SPEC = (
     "How to judge a user's direction. When the user gives a clear direction that is sound, carry "
@@ -37,9 +35,24 @@ DEFAULT_SPEC = (
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """Base for every config section: unknown keys are errors, assignments are validated, no
+    float is inf or NaN, and every text is valid Unicode (what passes here must run: each bound
+    below is what the runtime can hold, not a taste)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _text_is_unicode(cls, value: Any) -> Any:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ValueError(f"holds a byte that is not UTF-8 (position {exc.start}); "
+                                     "write it as UTF-8 text") from None
+        return value
 
 
 class RunConfig(Section):
@@ -252,14 +265,14 @@ class MixConfig(Section):
     general_share: Annotated[float, Field(ge=0.25, le=0.9)] = 0.25
     """Minimum share of general examples (code, reasoning, arithmetic) in EVERY batch.
     >= 0.25 guards against forgetting; the controller raises it to 0.40."""
-    accept: Annotated[float, Field(ge=0.0)] = 1.0
+    accept: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0
     """Relative weight of 'accept' scenarios among the behavioural examples."""
-    pushback: Annotated[float, Field(ge=0.0)] = 1.0
+    pushback: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0
     """Relative weight of 'pushback' scenarios (same as accept: one side alone makes a sycophant
     or a mule)."""
-    derail: Annotated[float, Field(ge=0.0)] = 0.25
+    derail: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.25
     """Relative weight of 'derail' scenarios (injected 'ignore previous instructions')."""
-    self_facts: Annotated[float, Field(ge=0.0)] = 0.0
+    self_facts: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
     """Relative weight of 'self' scenarios (facts from the model's own config)."""
 
     @model_validator(mode="after")
@@ -275,7 +288,7 @@ class OptimizerConfig(Section):
     """APOLLO (apollo-torch, low-rank scaled AdamW; licence CC-BY-NC-4.0) or plain AdamW."""
     rank: Annotated[int, Field(ge=1)] = 128
     """APOLLO projection rank r for 2-D linear weights (capped at half the smaller dimension)."""
-    scale: Annotated[float | None, Field(gt=0.0)] = None
+    scale: Annotated[float | None, Field(gt=0.0, le=1e4)] = None
     """APOLLO update scale. None: n/r with n the smaller matrix dimension, so the step matches
     AdamW's (APOLLO, arXiv 2412.05270: the update is multiplied by sqrt(scale), factors shrink
     ~sqrt(r/n))."""
@@ -283,20 +296,20 @@ class OptimizerConfig(Section):
     """APOLLO scaling granularity: per channel, or per tensor (APOLLO-Mini uses 'tensor', rank 1)."""
     update_proj_gap: Annotated[int, Field(ge=1)] = 200
     """Steps between refreshes of APOLLO's random projection."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     """Adam moment decay rates."""
     eps: Annotated[float, Field(gt=0.0)] = 1e-8
     """Adam epsilon."""
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """Decoupled weight decay."""
 
 
 class TrainConfig(Section):
     lr: Annotated[float, Field(gt=0.0, le=1e-2)] = 1e-5
     """Peak learning rate. Start at 1e-5, go up to 1e-4 only if change is too slow."""
-    lr_min: Annotated[float, Field(gt=0.0)] = 5e-6
+    lr_min: Annotated[float, Field(gt=0.0, le=1e-2)] = 5e-6
     """Lowest lr the controller may set."""
-    lr_max: Annotated[float, Field(gt=0.0)] = 1e-4
+    lr_max: Annotated[float, Field(gt=0.0, le=1e-2)] = 1e-4
     """Highest lr the controller may set."""
     batch_size: Annotated[int, Field(ge=2)] = 4
     """Examples per optimizer step."""
@@ -372,9 +385,9 @@ class ControllerConfig(Section):
     general share raised to general_share_raised, with more of the degraded skill."""
     general_share_raised: Annotated[float, Field(ge=0.25, le=0.9)] = 0.40
     """General share once forgetting shows (0.25 -> 0.40)."""
-    lr_factor: Annotated[float, Field(gt=1.0)] = 2.0
+    lr_factor: Annotated[float, Field(gt=1.0, le=10.0)] = 2.0
     """Speeding up multiplies lr by this, slowing down divides (within train.lr_min..lr_max)."""
-    examples_factor: Annotated[float, Field(gt=1.0)] = 1.5
+    examples_factor: Annotated[float, Field(gt=1.0, le=10.0)] = 1.5
     """Speeding up multiplies examples per cycle by this, slowing down divides."""
     examples_min: Annotated[int, Field(ge=4)] = 20
     """Fewest examples per cycle the controller sets."""
@@ -402,7 +415,7 @@ class ScheduleConfig(Section):
     """When cycles start (dreamd/service/schedule.py; docs/operations.md explains the rules).
     All gates must pass; every field here can change live on SIGHUP."""
 
-    every_minutes: Annotated[float, Field(ge=0.0)] = 0.0
+    every_minutes: Annotated[float, Field(ge=0.0, le=MINUTES_PER_YEAR)] = 0.0
     """Start a cycle every this many minutes, on a fixed grid from the first cycle (APScheduler
     IntervalTrigger). 0: no interval, cycles run back to back while the other gates allow."""
     at: str | None = None
@@ -414,7 +427,7 @@ class ScheduleConfig(Section):
     Empty: any time. A cycle that starts inside a window runs to its end."""
     timezone: str = "local"
     """Time zone of `at` and `windows`: 'local' or an IANA name ('UTC', 'Europe/Berlin')."""
-    misfire_grace_minutes: Annotated[float | None, Field(ge=0.0)] = None
+    misfire_grace_minutes: Annotated[float | None, Field(ge=0.0, le=MINUTES_PER_YEAR)] = None
     """A slot more than this late (daemon down, window closed, box busy) is skipped instead of
     run late. None: a late slot always runs, once (pending slots are always coalesced)."""
     idle_required: bool = False
@@ -427,9 +440,9 @@ class ScheduleConfig(Section):
     idle_activity_file: Path | None = None
     """Idle probe: a file the user's session touches (e.g. from a shell prompt hook); the box
     is busy while it changed less than idle_activity_minutes ago. A missing file means idle."""
-    idle_activity_minutes: Annotated[float, Field(gt=0.0)] = 15.0
+    idle_activity_minutes: Annotated[float, Field(gt=0.0, le=MINUTES_PER_YEAR)] = 15.0
     """Minutes without a change of idle_activity_file before the user counts as away."""
-    idle_poll_seconds: Annotated[float, Field(ge=1.0)] = 60.0
+    idle_poll_seconds: Annotated[float, Field(ge=1.0, le=86_400.0)] = 60.0
     """How often a busy box is checked again."""
 
     @model_validator(mode="after")
@@ -478,122 +491,3 @@ class Config(Section):
     def resolved_json(self) -> str:
         """The resolved config as JSON (stored in runs.config_json and beside checkpoints)."""
         return self.model_dump_json(indent=2)
-
-
-# ---------------------------------------------------------------------------------------------
-# loading
-
-
-def _parse_env_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or "__" not in key:
-            continue
-        path = key[len(ENV_PREFIX):].lower().split("__")
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = _parse_env_value(raw)
-    return out
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for k, v in over.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return merged
-
-
-def _describe_allowed(err: dict[str, Any]) -> str:
-    ctx = err.get("ctx") or {}
-    if "expected" in ctx:
-        return f"allowed: {ctx['expected']}"
-    bounds = [f"{name} {ctx[k]}" for k, name in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-              if k in ctx]
-    if bounds:
-        return "allowed: " + " and ".join(bounds)
-    if err["type"] == "extra_forbidden":
-        return "this key is unknown here; check its spelling and section (see docs/config.md)"
-    return err["msg"]
-
-
-def format_validation_error(exc: ValidationError, where: str) -> str:
-    """One line per ValidationError: field, bad value, what is allowed, where it came from."""
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    value = err.get("input")
-    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"config error in {where}: {field} = {shown}: {err['msg']}; {_describe_allowed(err)}{more}"
-
-
-def _resolve_paths(cfg: Config, base: Path) -> Config:
-    def fix(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else (base / p).resolve()
-
-    cfg.run.state_dir = fix(cfg.run.state_dir)
-    cfg.model.path = fix(cfg.model.path)
-    for section, name in (("dream", "spec_file"), ("dream", "seed_corpus"), ("dream", "replay_corpus"),
-                          ("dream", "taxonomy_file"),
-                          ("eval", "heldout_text"), ("schedule", "idle_activity_file")):
-        sec = getattr(cfg, section)
-        setattr(sec, name, fix(getattr(sec, name)))
-    return cfg
-
-
-def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Read TOML (optional) + DREAMD_* env overrides into a validated Config.
-
-    Raises UsageError (exit code 2) with one line naming the field, the value and what is
-    allowed. Relative paths in the file are taken from the file's directory.
-    """
-    environ = dict(os.environ if environ is None else environ)
-    data: dict[str, Any] = {}
-    where = "defaults"
-    if path is not None:
-        where = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UsageError(f"config file not found: {path}; pass an existing file to --config "
-                             "or create one with `dreamd init DIR`") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"config file {path} is not valid TOML: {exc}; fix the syntax") from None
-    env = _env_overrides(environ)
-    if env:
-        where += " + DREAMD_* environment"
-    try:
-        cfg = Config.model_validate(_merge(data, env))
-    except ValidationError as exc:
-        raise UsageError(format_validation_error(exc, where)) from None
-    cfg.source = Path(path).resolve() if path else None
-    base = Path(path).resolve().parent if path else Path.cwd()
-    return _resolve_paths(cfg, base)
-
-
-def to_toml(cfg: Config) -> str:
-    """Write a config back as TOML (used by `dreamd init` and beside checkpoints)."""
-    lines: list[str] = []
-    for section, value in cfg.model_dump(mode="json", exclude_none=True).items():
-        lines.append(f"[{section}]")
-        for k, v in value.items():
-            lines.append(f"{k} = {_toml_value(v)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))

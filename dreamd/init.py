@@ -17,7 +17,8 @@ import random
 import shutil
 from pathlib import Path
 
-from dreamd.config import Config, load_config, to_toml
+from dreamd.config import Config
+from dreamd.config_file import load_config, to_toml
 from dreamd.dream.scenario import ScenarioKind
 from dreamd.errors import UsageError
 from dreamd.tiny import VLLM_HEAD_DIM, Arch, bundled_corpus, write_tiny_model_dir

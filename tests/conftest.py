@@ -37,7 +37,7 @@ def init_setup(root: Path) -> Path:
     controller, dreaming), with engine.kind = 'transformers' written into its config: those
     tests restart the daemon dozens of times, and vLLM's CPU engine costs ~10 s per start.
     vLLM itself is tested by tests/test_vllm_real.py (engine checks and a `dreamd once`)."""
-    from dreamd.config import load_config, to_toml
+    from dreamd.config_file import load_config, to_toml
     from dreamd.init import init_dir
 
     cfg_path = init_dir(root, arch="llama")

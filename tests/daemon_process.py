@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from dreamd.config import load_config, to_toml
+from dreamd.config_file import load_config, to_toml
 from dreamd.status import read_status
 from dreamd.store import Store
 

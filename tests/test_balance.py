@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from dreamd.config import load_config
+from dreamd.config_file import load_config
 from dreamd.cycle import run_cycle
 from dreamd.run import open_run
 from dreamd.train.mix import kind_quotas

@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dreamd.config import load_config
+from dreamd.config_file import load_config
 from dreamd.train.checkpoint import (MARKER, CheckpointDir, capture_rng_state,
                                        complete_checkpoints, latest_complete, load_checkpoint,
                                        load_model_state_dict, read_manifest, restore_rng_state,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dreamd.config import Config, load_config, to_toml
+from dreamd.config import Config
+from dreamd.config_file import load_config, to_toml
 from dreamd.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,3 +122,71 @@ def test_docs_config_md_is_current():
     assert (REPO / "docs" / "config.md").read_text() == config_reference(), (
         "regenerate: python -c \"from dreamd.config_docs import config_reference; "
         "open('docs/config.md','w').write(config_reference())\"")
+
+
+# ---- what passes validation must run: the runtime's limits are the schema's ---------------------
+
+RUNTIME_BREAKERS = [  # each once passed validation and then crashed or failed a run
+    ("DREAMD_MIX__ACCEPT", "inf", "finite number"),
+    ("DREAMD_MIX__PUSHBACK", "1e308", "<= 1000"),  # weights summed to inf -> NaN -> int()
+    ("DREAMD_OPTIMIZER__BETAS", "[1, 2]", "< 1.0"),
+    ("DREAMD_OPTIMIZER__BETAS", "[0.9, nan]", "finite number"),
+    ("DREAMD_OPTIMIZER__WEIGHT_DECAY", "inf", "finite number"),  # was a misleading canary mismatch
+    ("DREAMD_OPTIMIZER__WEIGHT_DECAY", "1e30", "<= 1.0"),
+    ("DREAMD_CONTROLLER__EXAMPLES_FACTOR", "inf", "finite number"),  # OverflowError when speeding up
+    ("DREAMD_CONTROLLER__LR_FACTOR", "1e308", "<= 10.0"),
+    ("DREAMD_TRAIN__LR_MAX", "1e308", "<= 0.01"),
+    ("DREAMD_SCHEDULE__EVERY_MINUTES", "inf", "finite number"),
+    ("DREAMD_SCHEDULE__EVERY_MINUTES", "1e308", "<= 527040"),
+    ("DREAMD_SCHEDULE__MISFIRE_GRACE_MINUTES", "1e308", "<= 527040"),  # OverflowError in the schedule
+    ("DREAMD_SCHEDULE__IDLE_POLL_SECONDS", "inf", "finite number"),
+    ("DREAMD_RUN__NAME", "run\udcff", "not UTF-8"),  # UnicodeEncodeError at the store
+]
+
+
+@pytest.mark.parametrize("variable,raw,allowed", RUNTIME_BREAKERS)
+def test_values_the_runtime_cannot_hold_are_refused_in_one_line(variable, raw, allowed):
+    with pytest.raises(UsageError) as info:
+        load_config(None, environ={variable: raw})
+    message = str(info.value)
+    assert "\n" not in message and allowed in message
+    assert f"environment variable {variable}" in message  # the variable by name, not only the key
+    assert message.count("finite number") <= 2 and "Value error" not in message
+
+
+def test_schedule_at_the_bounds_still_builds(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    cfg = load_config(None, environ={"DREAMD_SCHEDULE__MISFIRE_GRACE_MINUTES": "527040",
+                                     "DREAMD_SCHEDULE__EVERY_MINUTES": "527040"})
+    now = datetime.now(timezone.utc)
+    assert now + timedelta(minutes=cfg.schedule.misfire_grace_minutes) > now  # no OverflowError
+
+
+def test_unreadable_config_files_are_one_line_usage_errors(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[run]\nname = "caf\xe9"\n')
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)
+    cases = {latin1: "is not UTF-8 text (byte 0xe9 on line 2)", tmp_path: "is a directory",
+             loop: "cannot be read"}
+    for path, expected in cases.items():
+        with pytest.raises(UsageError) as info:
+            load_config(path, environ={})
+        assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+    for path in cases:  # the CLI: exit 2, one line, no traceback
+        proc = subprocess.run([sys.executable, "-m", "dreamd", "config", "--config", str(path)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_sighup_with_a_broken_file_keeps_the_running_config(tmp_path):
+    from dreamd.service.reload import reload_config
+
+    path = tmp_path / "dreamd.toml"
+    path.write_text('[train]\nlr = 2e-5\n')
+    current = load_config(path, environ={})
+    for broken in (b'[train]\nlr = 3e-5\n# \xff\n', b'[schedule]\nmisfire_grace_minutes = 1e308\n'):
+        path.write_bytes(broken)
+        result = reload_config(current, environ={})
+        assert result.error and result.config.train.lr == 2e-5

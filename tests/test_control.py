@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from dreamd.config import Config, load_config
+from dreamd.config import Config
+from dreamd.config_file import load_config
 from dreamd.errors import UsageError
 from dreamd.service.control import (ControlState, DaemonNotRunning, PauseFlag, Pidfile,
                                     daemon_status, looks_like_dreamd, signal_daemon)

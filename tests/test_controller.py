@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dreamd.config import ControllerConfig, TrainConfig, load_config
+from dreamd.config import ControllerConfig, TrainConfig
+from dreamd.config_file import load_config
 from dreamd.controller import ControllerDecision, Settings, decide
 from dreamd.cycle import decide_and_record, run_cycle
 from dreamd.errors import ControllerHalt

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from dreamd.config import load_config
+from dreamd.config_file import load_config
 from dreamd.cycle import run_cycle
 from dreamd.run import open_run
 

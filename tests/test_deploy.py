@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from dreamd.cli import build_parser
-from dreamd.config import Config, load_config
+from dreamd.config import Config
+from dreamd.config_file import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "deploy" / "dreamd.service"

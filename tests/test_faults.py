@@ -195,7 +195,7 @@ def kill_at(d: DaemonProcess, target: str, rng: random.Random, db: Path, ckpt_ro
 # kill at a point too narrow (~1 ms) to hit from outside. argv: config, method, status|*, stop.
 KILL_INSIDE = r"""
 import os, signal, sys
-from dreamd.config import load_config
+from dreamd.config_file import load_config
 from dreamd.cycle import run_cycle
 from dreamd.log import setup_logging
 from dreamd.run import RunHooks, open_run

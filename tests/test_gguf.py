@@ -16,7 +16,8 @@ import torch
 
 from dreamd import gguf as dg
 from dreamd.cli import main
-from dreamd.config import ModelConfig, load_config
+from dreamd.config import ModelConfig
+from dreamd.config_file import load_config
 from dreamd.errors import UsageError
 from dreamd.train.mix import kind_quotas
 from dreamd.models import load_model

@@ -19,7 +19,8 @@ import pytest
 from sqlalchemy import text
 from transformers import Qwen3_5TextConfig
 
-from dreamd.config import DEFAULT_SPEC, DreamConfig, EvalConfig, ScreenConfig, load_config
+from dreamd.config import DEFAULT_SPEC, DreamConfig, EvalConfig, ScreenConfig
+from dreamd.config_file import load_config
 from dreamd.dream.checks import check_claim
 from dreamd.dream.model_dreamer import ModelDreamer, TemperatureControl
 from dreamd.dream.parse import ParseError, garbage_scenario, parse_situation, parse_verdict

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from dreamd.config import EvalConfig, ScreenConfig, load_config
+from dreamd.config import EvalConfig, ScreenConfig
+from dreamd.config_file import load_config
 from dreamd.cycle import run_cycle
 from dreamd.dream.neardup import (
     BANDS,

@@ -20,7 +20,7 @@ from collections import Counter
 import pytest
 from sqlalchemy import text
 
-from dreamd.config import load_config
+from dreamd.config_file import load_config
 from dreamd.cycle import run_cycle
 from dreamd.evals import probes, suite
 from dreamd.init import init_from_gguf

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dreamd.cli import main
-from dreamd.config import load_config
+from dreamd.config_file import load_config
 from dreamd.errors import UsageError
 from dreamd.evals.report import load_run, write_report
 from dreamd.store.record import Store

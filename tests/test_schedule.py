@@ -9,7 +9,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from dreamd.config import ScheduleConfig, load_config
+from dreamd.config import ScheduleConfig
+from dreamd.config_file import load_config
 from dreamd.errors import UsageError
 from dreamd.service.schedule import IdleReadings, Schedule, judge_idle, measure_idle, parse_gpu_utilization
 from dreamd.timespec import parse_window, resolve_timezone

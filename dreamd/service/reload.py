@@ -23,7 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dreamd.config import Config, load_config
+from dreamd.config import Config
+from dreamd.config_file import load_config
 from dreamd.errors import UsageError
 
 LIVE_FIELDS: tuple[str, ...] = (

@@ -8,7 +8,7 @@ user can copy it away and `AutoModelForCausalLM.from_pretrained` it):
     trainer_state.pt      the trainer's dict (torch.save; loads with weights_only=True)
     rng.pt                python, numpy, torch and CUDA RNG states (weights_only-safe)
     loop_state.json       run_id, cycle, step, ... (the caller's dict)
-    dreamd.toml           the resolved config (loads with dreamd.config.load_config)
+    dreamd.toml           the resolved config (loads with dreamd.config_file.load_config)
     COMPLETE.json         the marker, written last: sha256, bytes, per-file hashes, metrics
 
 Save protocol (torchtitan's rule): write into <root>/.tmp-<name>-<pid> on the same
@@ -37,7 +37,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dreamd.config import Config, to_toml
+from dreamd.config import Config
+from dreamd.config_file import to_toml
 from dreamd.files import fsync_path, fsync_tree
 
 MARKER = "COMPLETE.json"
