@@ -38,7 +38,7 @@ TIMING = ("seconds", "_s", "per_s", "wall", "ms")
 
 
 def run(out: Path, cycles: int, source: str, wait_steps: int | None = None) -> None:
-    from dreamd.config import load_config, to_toml
+    from dreamd.config_file import load_config, to_toml
     from dreamd.init import init_dir
 
     root = Path(tempfile.mkdtemp(prefix="dreamd-bitident-"))

@@ -75,7 +75,7 @@ def run_one(name: str, init: str, state: str, cycles: int, extra: dict[str, str]
     import torch
 
     torch.set_num_threads(1)  # two runs share two cores; more threads only contend
-    from dreamd.config import load_config
+    from dreamd.config_file import load_config
     from dreamd.cycle import run_cycle
     from dreamd.evals.report import load_run
     from dreamd.errors import CycleFailed
