@@ -223,3 +223,44 @@ def test_probe_suite_rule_is_the_screeners_probe_rule(tmp_path: Path, probes) ->
     held = next(p for p in probes.probes if p.family == "accept")
     verdict = screener(Scenario(ScenarioKind.ACCEPT, "model", held.messages, "ok", meta={"domain": "units"}))
     assert verdict.reason == "probe: domain units is held out for the probes"
+
+def test_a_crash_while_storing_probes_leaves_none(store, monkeypatch) -> None:
+    """The set is one transaction: a failure at the 10th row leaves no probe rows, and the next
+    start draws and stores the whole set (it once left 9 rows, read back as the run's probes on
+    every restart, and behaviour metrics failed on an empty family)."""
+    run_id = store.start_run("crash", {}, "m", 0)
+    small = ProbeSizes(accept=4, pushback=4, derail=2, code=2, verifiable=3, attention=4)
+    real_insert = type(store)._insert_scenario
+    calls = {"n": 0}
+
+    def dying_insert(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt("killed while storing probes")
+        return real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(type(store), "_insert_scenario", staticmethod(dying_insert))
+    with pytest.raises(KeyboardInterrupt):
+        open_probes(store, run_id, DREAMER, small)
+    monkeypatch.undo()
+    assert store.probe_scenarios(run_id) == []
+    made = open_probes(store, run_id, DREAMER, small)
+    assert {f: len(made.family(f)) for f in ("accept", "pushback", "derail", "code", "verifiable")} == \
+        {"accept": 4, "pushback": 4, "derail": 2, "code": 2, "verifiable": 3}
+
+
+def test_a_partial_set_from_an_older_store_is_drawn_again(store) -> None:
+    run_id = store.start_run("legacy", {}, "m", 0)
+    small = ProbeSizes(accept=4, pushback=4, derail=2, code=2, verifiable=3, attention=4)
+    whole = build_probe_set(DREAMER, small)
+    whole.probes = whole.probes[:7]  # what a SIGKILL left when each probe was its own transaction
+    store_probes(store, run_id, whole)
+    reopened = open_probes(store, run_id, DREAMER, small)
+    assert len(reopened.probes) == 15 and len(store.probe_scenarios(run_id)) == 15
+    with store.read() as s:
+        from sqlalchemy import text
+        events = s.execute(text("SELECT detail FROM events WHERE kind = 'probes.incomplete'")).scalars().all()
+    assert len(events) == 1 and '"dropped": 7' in events[0]
+    # once a baseline is measured the stored set is the run's own, whatever its size
+    store.add_evals(run_id, None, {"q1.balanced": 0.5})
+    assert len(open_probes(store, run_id, DREAMER, ProbeSizes()).probes) == 15

@@ -343,13 +343,13 @@ def check_disjoint(store: Any, run_id: int, cycle_id: int | None, probes: ProbeS
 
 
 def store_probes(store: Any, run_id: int, probes: ProbeSet) -> ProbeSet:
-    """Store every probe as a scenarios row (status 'probe', cycle_id NULL); sets scenario_id."""
-    for probe in probes.probes:
-        scenario = probe.scenario
-        meta = {**scenario.meta, "probe": probe.record()}
-        row = Scenario(kind=scenario.kind, source=scenario.source, messages=scenario.messages,
-                       target=scenario.target, spec=scenario.spec, meta=meta)
-        probe.scenario_id = store.add_scenario(run_id, None, row, status="probe").id
+    """Store every probe as a scenarios row (status 'probe', cycle_id NULL), all in one
+    transaction; sets scenario_id."""
+    rows = [Scenario(kind=p.scenario.kind, source=p.scenario.source, messages=p.scenario.messages,
+                     target=p.scenario.target, spec=p.scenario.spec, meta={**p.scenario.meta, "probe": p.record()})
+            for p in probes.probes]
+    for probe, scenario_id in zip(probes.probes, store.add_probe_set(run_id, rows), strict=True):
+        probe.scenario_id = scenario_id
     return probes
 
 
@@ -375,8 +375,17 @@ def taken_in_store(store: Any) -> Callable[[str], bool]:
 
 
 def open_probes(store: Any, run_id: int, dreamer: Any, sizes: ProbeSizes = ProbeSizes()) -> ProbeSet:
-    """The run's probes: read back when stored, else drawn and stored now (run start)."""
+    """The run's probes: read back when stored, else drawn and stored now (run start, in one
+    transaction). A stored set smaller than `sizes` from before the run's baseline evaluation
+    is what a crash while storing left in a store written before sets were stored atomically:
+    it is deleted, with a 'probes.incomplete' events row, and the same set drawn again (fixed
+    seed). Once the baseline is measured the stored set is the run's, whatever its size."""
     loaded = load_probes(store, run_id)
     if loaded is not None:
-        return loaded
+        have = {f: len(loaded.family(f)) for f in FAMILIES}
+        whole = {f: sizes.of(f) for f in FAMILIES}
+        if have == whole or store.start_metrics(run_id):
+            return loaded
+        dropped = store.drop_probe_set(run_id)
+        store.add_event(run_id, "probes.incomplete", {"found": have, "expected": whole, "dropped": dropped})
     return store_probes(store, run_id, build_probe_set(dreamer, sizes, taken=taken_in_store(store)))

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, insert, or_, select, text, update
+from sqlalchemy import delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 import dreamd
@@ -246,22 +246,7 @@ class Store(Database):
         for attempt in (0, 1):
             try:
                 with self.session() as s:
-                    original = s.scalar(select(ScenarioRow.id).where(ScenarioRow.content_hash == digest))
-                    row = ScenarioRow(run_id=run_id, cycle_id=cycle_id, kind=str(scenario.kind),
-                                   source=scenario.source, content_hash=digest,
-                                   messages_json=scenario.messages, target=scenario.target,
-                                   spec=scenario.spec, status=status, reject_reason=reject_reason,
-                                   meta_json=scenario.meta, temperature=temperature)
-                    if original is not None:
-                        row.content_hash, row.duplicate_of = None, original
-                        if status != "probe":
-                            also = f" (also: {reject_reason})" if reject_reason else ""
-                            row.status = "rejected"
-                            row.reject_reason = (f"duplicate: exact copy of scenario "
-                                                 f"{original}{also}")
-                    s.add(row)
-                    s.flush()
-                    return SavedScenario(row.id, row.duplicate_of)
+                    return self._insert_scenario(s, run_id, cycle_id, scenario, status, reject_reason, temperature)
             except IntegrityError:
                 # PostgreSQL: another writer stored the same hash between our check and insert
                 # (SQLite cannot race: BEGIN IMMEDIATE serialises writers). Retry once; the
@@ -269,6 +254,42 @@ class Store(Database):
                 if attempt == 1 or self.hash_exists(digest) is None:
                     raise
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _insert_scenario(s: Any, run_id: int, cycle_id: int | None, scenario: Scenario, status: str,
+                         reject_reason: str | None = None, temperature: float | None = None) -> SavedScenario:
+        """One scenarios row inside the session `s`, by add_scenario's duplicate rule."""
+        digest = scenario.content_hash
+        original = s.scalar(select(ScenarioRow.id).where(ScenarioRow.content_hash == digest))
+        row = ScenarioRow(run_id=run_id, cycle_id=cycle_id, kind=str(scenario.kind),
+                          source=scenario.source, content_hash=digest,
+                          messages_json=scenario.messages, target=scenario.target,
+                          spec=scenario.spec, status=status, reject_reason=reject_reason,
+                          meta_json=scenario.meta, temperature=temperature)
+        if original is not None:
+            row.content_hash, row.duplicate_of = None, original
+            if status != "probe":
+                also = f" (also: {reject_reason})" if reject_reason else ""
+                row.status = "rejected"
+                row.reject_reason = f"duplicate: exact copy of scenario {original}{also}"
+        s.add(row)
+        s.flush()
+        return SavedScenario(row.id, row.duplicate_of)
+
+    def add_probe_set(self, run_id: int, scenarios: Sequence[Scenario]) -> list[int]:
+        """A run's whole probe set in ONE transaction (status 'probe', cycle_id NULL), ids in
+        order: a crash while storing leaves no probes rather than some (a partial set would be
+        read back as the run's probes on every restart)."""
+        with self.session() as s:
+            return [self._insert_scenario(s, run_id, None, sc, "probe").id for sc in scenarios]
+
+    def drop_probe_set(self, run_id: int) -> int:
+        """Delete a run's probe rows (an incomplete set a crash left before probe sets were
+        written atomically; nothing references them: no step trains a probe and no eval is
+        written before the set is complete). Returns the number deleted."""
+        with self.session() as s:
+            return s.execute(delete(ScenarioRow).where(ScenarioRow.run_id == run_id,
+                                                       ScenarioRow.status == "probe")).rowcount
 
     # ---- training ----------------------------------------------------------------------------
     def add_train_step(self, run_id: int, cycle_id: int, step: int, metrics: Mapping[str, Any],
