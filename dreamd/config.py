@@ -357,6 +357,10 @@ class CheckpointConfig(Section):
     """Metric (evals.metric) that picks the best checkpoint kept beside the last ones."""
     best_mode: Literal["min", "max"] = "min"
     """Whether lower or higher `best_metric` is better."""
+    verify_on_resume: bool = True
+    """Re-hash every file of the checkpoint a start resumes from against its marker (about 1 s
+    per GB); a corrupt one is set aside as .corrupt-<name> and the next older intact one is
+    used, with a checkpoint.skipped events row. Off: trust the marker."""
 
 
 class ControllerConfig(Section):

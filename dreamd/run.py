@@ -252,7 +252,11 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
                                 keep_last=cfg.checkpoint.keep_last, best_metric=cfg.checkpoint.best_metric,
                                 best_mode=cfg.checkpoint.best_mode)
     checkpoints.remove_stale_temps()
-    latest = checkpoints.latest()
+    latest, corrupt = checkpoints.latest_intact(verify=cfg.checkpoint.verify_on_resume)
+    for name, problem in corrupt:
+        store.add_event(run_id, "checkpoint.skipped", {"checkpoint": name, "reason": problem,
+                                                       "set_aside_as": f".corrupt-{name}"})
+        log.warning("run.checkpoint_skipped", checkpoint=name, reason=problem)
     device = resolve_device(cfg.run.device)
     # A process starts with a random torch seed (torch.initial_seed() differs per process), so
     # the RNG states saved in checkpoints differed between two runs of one config. Seed every

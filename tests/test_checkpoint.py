@@ -255,3 +255,50 @@ def test_write_failures_and_a_crash_leave_the_previous_checkpoint_intact(tmp_pat
 def test_keep_last_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointDir(tmp_path, keep_last=0)
+
+
+def _flip_one_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "flipped bit in model.safetensors": lambda d: _flip_one_bit(d / "model.safetensors"),
+    "truncated model.safetensors": lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:1000]),
+    "truncated trainer_state.pt": lambda d: (d / "trainer_state.pt").write_bytes(b"PK\x03"),
+    "garbage loop_state.json": lambda d: (d / "loop_state.json").write_text("{not json"),
+    "missing rng.pt": lambda d: (d / "rng.pt").unlink(),
+    "garbage COMPLETE.json": lambda d: (d / MARKER).write_text("\x00\x01garbage"),
+    "marker without files": lambda d: (d / MARKER).write_text('{"seq": 3}'),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, model_and_tokenizer, corruption):
+    """Every way the newest checkpoint can rot is found by its hashes before anything loads
+    (one flipped bit used to resume silently from corrupt weights); the next older intact one is
+    used, and the corrupt one is set aside, never listed again, its name never reused."""
+    ckdir = CheckpointDir(tmp_path / "ck", keep_last=5)
+    older = _save(ckdir, model_and_tokenizer, 10)
+    newest = _save(ckdir, model_and_tokenizer, 20)
+    CORRUPTIONS[corruption](newest.path)
+    found, skipped = ckdir.latest_intact()
+    assert found == older.path
+    assert [name for name, _ in skipped] == [newest.name] and skipped[0][1]
+    assert not newest.path.exists() and (ckdir.root / f".corrupt-{newest.name}").is_dir()
+    assert complete_checkpoints(ckdir.root) == [older.path]
+    load_checkpoint(found, verify=True)  # the fallback loads
+    assert _save(ckdir, model_and_tokenizer, 30).seq == newest.seq + 1
+
+
+def test_every_checkpoint_corrupt_means_none(tmp_path, model_and_tokenizer):
+    ckdir = CheckpointDir(tmp_path / "ck", keep_last=5)
+    only = _save(ckdir, model_and_tokenizer, 10)
+    _flip_one_bit(only.path / "model.safetensors")
+    assert ckdir.latest_intact() == (None, [(only.name, "model.safetensors does not match its sha256 (corrupted)")])
+    other = CheckpointDir(tmp_path / "ck2", keep_last=5)
+    kept = _save(other, model_and_tokenizer, 10)
+    _flip_one_bit(kept.path / "model.safetensors")
+    assert other.latest_intact(verify=False) == (kept.path, [])  # checkpoint.verify_on_resume = false

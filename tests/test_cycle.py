@@ -118,3 +118,38 @@ def test_never_repeated_across_three_cycles_and_a_restart(setup_dir, tmp_path):
     assert twice == []
     texts = [json.dumps(r["messages_json"]) for r in rows(store, "SELECT messages_json FROM scenarios")]
     assert all("How to judge a user's direction" not in t for t in texts)  # spec never stored in messages
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(setup_dir, tmp_path):
+    """One flipped bit in the newest checkpoint's weights: the next start finds it by its hash,
+    sets it aside with a checkpoint.skipped event, resumes from the checkpoint before, and the
+    cycle after it is dreamed and trained again: no committed step lost that the weights hold,
+    no scenario trained twice."""
+    state = tmp_path / "state"
+    _, env = config_for(setup_dir, state)
+    env = {**os.environ, **env, "DREAMD_LOG_FORMAT": "json"}
+    cmd = [sys.executable, "-m", "dreamd", "run", "--config", str(setup_dir / "dreamd.toml"), "--now"]
+    subprocess.run([*cmd, "--cycles", "2"], env=env, check=True, capture_output=True)
+    ckpts = sorted((state / "checkpoints" / "run-1").glob("ckpt-*"))
+    weights = ckpts[-1] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    proc = subprocess.run([*cmd, "--cycles", "1"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"event": "run.checkpoint_skipped"' in proc.stderr
+
+    cfg, _ = config_for(setup_dir, state)
+    from dreamd.store import Store
+    store = Store.open(cfg.store_url)
+    events = rows(store, "SELECT detail FROM events WHERE kind = 'checkpoint.skipped'")
+    assert len(events) == 1 and ckpts[-1].name in events[0]["detail"] and "sha256" in events[0]["detail"]
+    assert (state / "checkpoints" / "run-1" / f".corrupt-{ckpts[-1].name}").is_dir()
+    committed = [r["number"] for r in store.cycle_summary(1) if r["status"] == "committed"]
+    assert committed == [1, 2]                                   # cycle 2 again, from checkpoint 1
+    steps = rows(store, "SELECT step FROM train_steps WHERE status = 'active' ORDER BY step")
+    assert [s["step"] for s in steps] == list(range(4))
+    twice = rows(store, "SELECT scenario_id FROM step_examples GROUP BY scenario_id HAVING COUNT(*) > 1")
+    assert twice == []
+    store.close()

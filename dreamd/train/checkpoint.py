@@ -43,6 +43,7 @@ from dreamd.files import fsync_path, fsync_tree
 
 MARKER = "COMPLETE.json"
 TMP_PREFIX = ".tmp-"
+CORRUPT_PREFIX = ".corrupt-"
 NAME_PREFIX = "ckpt-"
 TRAINER_STATE = "trainer_state.pt"
 RNG_STATE = "rng.pt"
@@ -142,8 +143,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(NAME_PREFIX) and is_complete(p)]
-    return sorted(found, key=lambda p: read_manifest(p)["seq"])
+    found = [p for p in root.iterdir() if _seq_of(p.name) is not None and is_complete(p)]
+    return sorted(found, key=lambda p: _seq_of(p.name) or 0)
+
+
+def _seq_of(name: str) -> int | None:
+    """The sequence number in a checkpoint's name (ckpt-000012-...), read from the name so a
+    garbled marker cannot break the listing."""
+    head = name.removeprefix(NAME_PREFIX)[:6]
+    return int(head) if name.startswith(NAME_PREFIX) and head.isdigit() else None
 
 
 def latest_complete(root: Path) -> Path | None:
@@ -162,6 +170,18 @@ def verify_checkpoint(path: Path) -> None:
     for rel, meta in manifest["files"].items():
         if _file_sha256(Path(path) / rel) != meta["sha256"]:
             raise ValueError(f"checkpoint {path}: {rel} does not match its sha256 (corrupted)")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (an unreadable or garbled marker, a
+    file missing or extra, a file whose sha256 differs: truncation, one flipped bit), or None
+    when every file is as its marker recorded."""
+    try:
+        verify_checkpoint(path)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        text = str(exc).replace(f"checkpoint {path}: ", "")
+        return text if isinstance(exc, ValueError) else f"unreadable marker or files ({type(exc).__name__}: {text})"
+    return None
 
 
 def load_model_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -255,14 +275,28 @@ class CheckpointDir:
     def _next_seq(self) -> int:
         seqs = [0]
         if self.root.is_dir():
-            for p in self.root.iterdir():
-                head = p.name.removeprefix(NAME_PREFIX)[:6]
-                if p.name.startswith(NAME_PREFIX) and head.isdigit():
-                    seqs.append(int(head))
+            for p in self.root.iterdir():  # set-aside ones count: a name is never reused
+                seq = _seq_of(p.name.removeprefix(CORRUPT_PREFIX))
+                if seq is not None:
+                    seqs.append(seq)
         return max(seqs) + 1
 
     def latest(self) -> Path | None:
         return latest_complete(self.root)
+
+    def latest_intact(self, verify: bool = True) -> tuple[Path | None, list[tuple[str, str]]]:
+        """The newest complete checkpoint whose files match its marker, and (name, problem) of
+        each newer one that did not; those are renamed to .corrupt-<name> (kept for a post
+        mortem, never listed, never pruned). verify=False: the newest complete, unchecked."""
+        skipped: list[tuple[str, str]] = []
+        for path in reversed(complete_checkpoints(self.root)):
+            problem = checkpoint_problem(path) if verify else None
+            if problem is None:
+                return path, skipped
+            path.rename(self.root / f"{CORRUPT_PREFIX}{path.name}")
+            fsync_path(self.root)
+            skipped.append((path.name, problem))
+        return None, skipped
 
     def save(self, *, model: Any, tokenizer: Any | None, trainer_state: Mapping[str, Any],
              loop_state: Mapping[str, Any], config: Config | None = None,
