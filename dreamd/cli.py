@@ -1,6 +1,8 @@
 """`dreamd` command line. Tiny on purpose: parse, load config, hand over.
 
-Every error a user can cause is a UsageError: one line on stderr, exit code 2, no traceback.
+Every error a user can cause is a DreamdError: one line on stderr, no traceback, and an exit code
+that tells systemd whether a restart can help (2: a usage error, no; 75: the store is
+unavailable right now, yes).
 Heavy imports (torch, transformers) happen inside the commands that need them, so `dreamd
 status`, `pause` and `resume` answer at once.
 """
@@ -11,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dreamd.errors import UsageError
+from dreamd.errors import DreamdError
 
 DEFAULT_CONFIG = "dreamd.toml"
 
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return args.func(args)
-    except UsageError as exc:
+    except DreamdError as exc:
         print(f"dreamd: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

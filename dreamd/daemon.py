@@ -112,6 +112,7 @@ class Daemon:
     def run(self) -> int:
         from dreamd.service.control import Pidfile
         from dreamd.service.schedule import Schedule
+        from dreamd.store.db import TRANSIENT_ERRORS, store_failure
 
         self.cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
         with Pidfile(self.cfg.run.state_dir):
@@ -138,23 +139,40 @@ class Daemon:
                          step=self.current.trainer.step, pid_state_dir=str(self.cfg.run.state_dir),
                          engine=type(self.current.engine).__name__, torch_threads=torch.get_num_threads())
                 return self._loop(schedule)
+            except TRANSIENT_ERRORS as exc:
+                # Retries ran out (a long outage, a full disk): one line, exit 75, and systemd
+                # restarts dreamd, which resumes from the last checkpoint once the store is back.
+                raise store_failure(exc, self.cfg.store_url, self.cfg.store.busy_timeout_ms,
+                                    "while running" if self.current is not None else "while starting") from None
+            except BaseException as exc:
+                self._record_crash(exc)
+                raise
             finally:
                 self.control.close()
+
+    def _record_crash(self, exc: BaseException) -> None:
+        """Best effort, for an exception that ends the process (a bug, a usage error found
+        late): an events row 'error' says why and the run says 'stopped' (not 'running': no
+        process runs it; not 'failed': the next start resumes it from its last checkpoint). A
+        store that cannot take it is left as it is."""
+        run = self.current
+        if run is None or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return
+        try:
+            run.store.add_event(run.run_id, "error", {"error": type(exc).__name__, "message": str(exc)[:2000]})
+            run.store.set_run_status(run.run_id, "stopped")
+        except Exception as also:  # noqa: BLE001 - already failing; say so and keep the first error
+            log.warning("daemon.crash_not_recorded", error=str(also)[:200])
 
     def _open_run(self, hooks: RunHooks) -> tuple[Run, RunState]:
         """open_run, with a store that fails at start (locked past busy_timeout, connection
         lost) told in one line; once running, store calls retry with backoff instead."""
-        from dreamd.store.db import TRANSIENT_ERRORS, redact
+        from dreamd.store.db import TRANSIENT_ERRORS, store_failure
 
         try:
             run, state = open_run(self.cfg, hooks)
         except TRANSIENT_ERRORS as exc:
-            reason = " ".join(str(exc.orig or exc).split())
-            hint = (f"another process holds its write lock longer than store.busy_timeout_ms="
-                    f"{self.cfg.store.busy_timeout_ms}; close it (an open sqlite3 shell, a backup) or raise "
-                    "the timeout" if "locked" in reason else "check that the server runs and accepts connections")
-            raise UsageError(f"store {redact(self.cfg.store_url)} failed while starting: {reason}; "
-                             f"{hint}") from None
+            raise store_failure(exc, self.cfg.store_url, self.cfg.store.busy_timeout_ms, "while starting") from None
         run.store.transient_retries = self.cfg.store.connect_retries
         return run, state
 

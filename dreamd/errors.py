@@ -1,11 +1,27 @@
 """Errors a user can cause. The CLI prints them as one line and exits with their code."""
 
 
-class UsageError(Exception):
-    """A mistake in how dreamd was called or configured (bad config, missing model dir,
-    unreachable store). Message: what, where, how to fix. Exit code 2."""
+class DreamdError(Exception):
+    """An error the CLI prints as one line (what, where, how to fix) and exits with its code.
+    The codes tell systemd the truth: 2 is not worth a restart (RestartPreventExitStatus=2),
+    anything else is (Restart=on-failure)."""
+
+    exit_code = 1
+
+
+class UsageError(DreamdError):
+    """A mistake in how dreamd was called or configured (bad config, missing model dir, a
+    store this user cannot write). A restart cannot fix it. Exit code 2."""
 
     exit_code = 2
+
+
+class StoreUnavailable(DreamdError):
+    """The store cannot be used right now (server down or restarting, connection lost, locked
+    past the timeout, disk full) and retries ran out. Nothing committed is lost; a restart
+    resumes from the last checkpoint once the store is back. Exit code 75 (EX_TEMPFAIL)."""
+
+    exit_code = 75
 
 
 class CycleFailed(Exception):

@@ -254,7 +254,8 @@ def test_kill_between_checkpoint_and_its_rows(setup_dir, tmp_path, daemons, meth
 # the store: locked or unreachable
 
 
-def test_store_locked_at_start_is_one_line_exit_2(setup_dir, tmp_path, daemons):
+def test_store_locked_at_start_is_one_line_exit_75(setup_dir, tmp_path, daemons):
+    """Time can fix a lock: exit 75, which systemd restarts (2 would keep the service down)."""
     state = tmp_path / "state"
     config = write_config(setup_dir, tmp_path / "dreamd.toml", state, store__busy_timeout_ms=300)
     assert cli(config, "db", "upgrade").returncode == 0
@@ -265,19 +266,42 @@ def test_store_locked_at_start_is_one_line_exit_2(setup_dir, tmp_path, daemons):
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.returncode == 75, done.stderr[-2000:]
     err = done.stderr.strip().splitlines()
     assert len(err) == 1 and "database is locked" in err[0] and "busy_timeout_ms=300" in err[0], err
 
 
-def test_store_unreachable_at_start_is_one_line_exit_2(setup_dir, tmp_path):
+def test_store_unreachable_at_start_is_one_line_exit_75(setup_dir, tmp_path):
     config = write_config(setup_dir, tmp_path / "dreamd.toml", tmp_path / "state",
-                          store__url="postgresql+psycopg://dreamd@127.0.0.1:9/none")
+                          store__url="postgresql+psycopg://dreamd:s3cret@127.0.0.1:9/none")
     done = cli(config, "run", "--now", "--cycles", "1")
-    assert done.returncode == 2
+    assert done.returncode == 75, done.stderr[-2000:]  # a server that is down is worth a restart
     err = done.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dreamd: error: store unreachable at") and \
-        "Connection refused" in err[0], err
+    assert len(err) == 1 and err[0].startswith("dreamd: error: store postgresql+psycopg://dreamd:***@127.0.0.1:9/none "
+                                               "failed to connect") and "Connection refused" in err[0], err
+    assert "s3cret" not in done.stderr
+
+
+@pytest.mark.parametrize("driver_text, code, hint", [
+    ("attempt to write a readonly database", 2, "owner/permissions"),
+    ("unable to open database file", 2, "owner/permissions"),
+    ('FATAL:  password authentication failed for user "dreamd"', 2, "user, password and database"),
+    ("database is locked", 75, "busy_timeout_ms=300"),
+    ("database or disk is full", 75, "free space"),
+    ("connection refused Is the server running", 75, "server runs"),
+])
+def test_store_failures_tell_systemd_whether_a_restart_helps(tmp_path, driver_text, code, hint):
+    """A read-only store once got the hint 'check that the server runs' and a lock exited 2,
+    which keeps the unit down: each failure is classed by what can fix it, a person (2) or
+    time (75, restarted)."""
+    from sqlalchemy.exc import OperationalError
+
+    from dreamd.store.db import is_transient, store_failure
+
+    exc = OperationalError("INSERT INTO runs ...", {}, sqlite3.OperationalError(driver_text))
+    error = store_failure(exc, f"sqlite:///{tmp_path}/state/dreamd.sqlite", 300, "while running")
+    assert error.exit_code == code and hint in str(error) and "\n" not in str(error), str(error)
+    assert is_transient(exc) == (code == 75)  # no retries for what a retry cannot fix
 
 
 @pytest.mark.slow

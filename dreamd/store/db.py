@@ -37,7 +37,7 @@ from sqlalchemy.exc import (ArgumentError, DBAPIError, InterfaceError, NoSuchMod
 from sqlalchemy.orm import Session, sessionmaker
 
 import dreamd
-from dreamd.errors import UsageError
+from dreamd.errors import DreamdError, StoreUnavailable, UsageError
 
 def _migrations_dir() -> Path:
     """<repo>/migrations in a source tree or editable install; the packaged copy in a wheel."""
@@ -207,8 +207,8 @@ class Database:
         """Connect to the store at `url` (creating a SQLite file's directory).
 
         Retries `retries` times with exponential backoff from `retry_delay_s` (0.5, 1, 2, ...
-        seconds). Raises UsageError with one line when the URL is bad or the store is
-        unreachable. Does not migrate: call upgrade().
+        seconds). Raises one line: UsageError when the URL is bad or the store refuses this
+        user for good, StoreUnavailable when it is down or locked. Does not migrate: call upgrade().
         """
         parsed = parse_store_url(url)
         sqlite_file = _sqlite_file(parsed) if parsed.get_backend_name() == "sqlite" else None
@@ -232,8 +232,7 @@ class Database:
             except DBAPIError as exc:
                 if attempt == retries:
                     engine.dispose()
-                    raise UsageError(f"store unreachable at {redact(parsed)}: {_reason(exc)}; "
-                                     "check store.url or that the server runs") from None
+                    raise store_failure(exc, parsed, busy_timeout_ms, "to connect") from None
                 time.sleep(retry_delay_s * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -323,6 +322,41 @@ TRANSIENT_ERRORS = (OperationalError, InterfaceError)
 (server restart, pg_terminate_backend): the call can succeed later. IntegrityError and
 ProgrammingError are not transient: they are bugs or data and are raised at once."""
 
+_PERMANENT = ("readonly", "read-only", "unable to open database file", "permission denied",
+              "password authentication failed", "does not exist")
+"""OperationalError texts no retry fixes: a read-only file or directory, a role or database
+that does not exist, a wrong password."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the store call can succeed (see TRANSIENT_ERRORS and _PERMANENT)."""
+    return isinstance(exc, TRANSIENT_ERRORS) and not any(t in _reason(exc).lower() for t in _PERMANENT)
+
+
+def store_failure(exc: BaseException, url: str | URL, busy_timeout_ms: int, when: str) -> DreamdError:
+    """The one-line error for a store that failed `when` ('while starting', 'while running'):
+    UsageError (exit 2) for what a person must fix, StoreUnavailable (exit 75, systemd restarts)
+    for what time can fix."""
+    reason = _reason(exc)
+    low = reason.lower()
+    where = f"store {redact(url)} failed {when}: {reason}"
+    if any(t in low for t in _PERMANENT):
+        path = _sqlite_file(make_url(url) if isinstance(url, str) else url)
+        hint = (f"the service user must be able to write {path} and its directory {path.parent} "
+                "(owner/permissions)" if path is not None and ("readonly" in low or "unable to open" in low
+                                                              or "permission" in low)
+                else "check the URL's user, password and database name")
+        return UsageError(f"{where}; {hint}")
+    if "locked" in low:
+        hint = (f"another process holds its write lock longer than store.busy_timeout_ms={busy_timeout_ms}; "
+                "close it (an open sqlite3 shell, a backup) or raise the timeout")
+    elif "full" in low or "no space" in low:
+        hint = "free space on the store's disk; dreamd resumes from its last checkpoint when restarted"
+    else:
+        hint = "check that the server runs and accepts connections; dreamd resumes when restarted"
+    return StoreUnavailable(f"{where}; {hint}")
+
+
 C = TypeVar("C", bound=type)
 
 
@@ -347,7 +381,7 @@ def retry_transient(cls: C) -> C:
                 try:
                     return method(self, *args, **kwargs)
                 except TRANSIENT_ERRORS as exc:
-                    if attempt >= self.transient_retries:
+                    if attempt >= self.transient_retries or not is_transient(exc):
                         raise
                     delay = self.retry_delay_s * 2**attempt
                     attempt += 1
