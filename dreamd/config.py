@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dreamd.redact import redact_url
+
 
 MINUTES_PER_YEAR = 366 * 24 * 60.0
 """Upper bound of every minutes field: a datetime can add it (1e308 minutes overflows)."""
@@ -493,5 +495,13 @@ class Config(Section):
         return self.dream.spec_file.read_text().strip() if self.dream.spec_file else self.dream.spec
 
     def resolved_json(self) -> str:
-        """The resolved config as JSON (stored in runs.config_json and beside checkpoints)."""
-        return self.model_dump_json(indent=2)
+        """The resolved config as JSON (stored in runs.config_json), the store URL's password
+        redacted (dreamd/redact.py): secrets never reach the store."""
+        return self.redacted().model_dump_json(indent=2)
+
+    def redacted(self) -> Config:
+        """A copy safe to store, print or write beside a checkpoint: store.url without its
+        password (keep passwords in PGPASSFILE / PGPASSWORD, docs/operations.md)."""
+        if not self.store.url:
+            return self
+        return self.model_copy(update={"store": self.store.model_copy(update={"url": redact_url(self.store.url)})})

@@ -148,9 +148,10 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
 
 
 def to_toml(cfg: Config) -> str:
-    """Write a config back as TOML (used by `dreamd init` and beside checkpoints)."""
+    """Write a config back as TOML (used by `dreamd init`, `dreamd config` and beside
+    checkpoints), the store URL's password redacted (Config.redacted)."""
     lines: list[str] = []
-    for section, value in cfg.model_dump(mode="json", exclude_none=True).items():
+    for section, value in cfg.redacted().model_dump(mode="json", exclude_none=True).items():
         lines.append(f"[{section}]")
         for k, v in value.items():
             lines.append(f"{k} = {_toml_value(v)}")

@@ -114,6 +114,9 @@ class Daemon:
         from dreamd.service.schedule import Schedule
         from dreamd.store.db import TRANSIENT_ERRORS, store_failure
 
+        # Everything the daemon creates (state dir, store, checkpoints, status files) is the
+        # service user's alone: 0700 directories, 0600 files, whatever umask it inherited.
+        os.umask(os.umask(0o077) | 0o077)
         self.cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
         with Pidfile(self.cfg.run.state_dir):
             # Replace the previous process's status file at once: `dreamd status` must not show

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import dreamd
 from dreamd.errors import DreamdError, StoreUnavailable, UsageError
+from dreamd.redact import quote_userinfo, redact_url
 
 def _migrations_dir() -> Path:
     """<repo>/migrations in a source tree or editable install; the packaged copy in a wheel."""
@@ -63,10 +64,10 @@ MIN_SQLITE = (3, 25, 0)
 
 
 def redact(url: str | URL) -> str:
-    """The URL as it may be shown: the password replaced by ***."""
+    """The URL as it may be shown: the password replaced by *** (dreamd/redact.py)."""
     if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+        return redact_url(url.render_as_string(hide_password=True))
+    return redact_url(url)
 
 
 def parse_store_url(url: str) -> URL:
@@ -75,8 +76,8 @@ def parse_store_url(url: str) -> URL:
     `postgresql://` and `postgres://` are taken as psycopg 3 (the driver dreamd ships with).
     """
     try:
-        parsed = make_url(url)
-    except ArgumentError:
+        parsed = make_url(quote_userinfo(url))
+    except (ArgumentError, ValueError):
         raise UsageError(f"store url {redact(url)!r} is not a SQLAlchemy URL; set store.url to "
                          "sqlite:///PATH or postgresql+psycopg://user@host/db") from None
     if parsed.drivername in ("postgresql", "postgres"):
