@@ -153,3 +153,26 @@ def test_garbage_tags_in_tag_soup_are_all_known() -> None:
     # The fuzz alphabet covers every tag the parser knows, so unknown/known mixes are both hit.
     from dreamd.dream.parse import ALL_TAGS
     assert all(f"<{t}>" in TAGS for t in ALL_TAGS)
+
+
+HOSTILE_CLAIMS = {  # each once ran for minutes inside a cycle; now refused before the work
+    "sum([range(1000)]*1000, []) = 0": "repetition longer than 10000 items",
+    "sum([[1]*100, [2]*100], []) = 0": "sum() adds numbers only",
+    "len(str([[0]*99]*99)) = 1": "value longer than 10000 items",
+    "len([['x'*5000, 'y'*5000+'z']]) = 1": "value longer than 10000 items",
+}
+
+
+def test_hostile_claims_are_refused_before_the_work() -> None:
+    for text, reason in HOSTILE_CLAIMS.items():
+        claim = check_claim(text)
+        assert claim.holds is None and reason in claim.error, (text, claim.error)
+
+
+def test_the_clock_is_the_last_line(monkeypatch) -> None:
+    """Whatever still makes a claim slow, the interpreter refuses it at its deadline."""
+    import dreamd.dream.checks as checks
+
+    monkeypatch.setattr(checks, "MAX_SECONDS", -1.0)  # already past: the first node refuses
+    claim = check_claim("17 * 23 = 391")
+    assert claim.holds is None and "took longer than" in claim.error

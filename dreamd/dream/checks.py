@@ -14,7 +14,8 @@ evaluated here, never by the model and never by `exec`/`eval`: the expression is
              only), list, tuple, range (<= 10,000 items), and the string/list methods in
              METHODS; nothing else: no names, no attributes beyond METHODS, no lambdas,
              no comprehensions
-  limits     expression <= 300 characters, strings and lists <= 10,000 items
+  limits     expression <= 300 characters; every value <= 10,000 items counted through all
+             its nesting, checked before a repetition is built; sum() of numbers only; 0.5 s
 
 `check_claim(text)` returns a `Claim` with `holds` True/False, or None with the reason it could
 not be computed (then the model judge decides instead).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import ast
 import operator
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -34,6 +36,8 @@ MAX_CHARS = 300
 MAX_ITEMS = 10_000
 MAX_EXPONENT = 64
 MAX_DIGITS = 200
+MAX_SECONDS = 0.5
+"""Wall-clock budget of one claim (a node-by-node check; every single operation is bounded)."""
 MAX_DECIMALS = 6
 """A computed number is stated as an exact decimal with at most this many decimals; 1/3 cannot
 be stated exactly and makes the claim uncheckable."""
@@ -51,8 +55,24 @@ class Uncheckable(Exception):
     """The claim cannot be computed safely (unsupported syntax, too large, an error)."""
 
 
+def _items(value: Any, budget: int = MAX_ITEMS) -> int:
+    """Items in `value` counted through every level of nesting (a string by its length, a dict
+    by keys and values), stopping once past `budget`: [range(1000)] * 1000 is 1,000,000 items,
+    though its own length is 1000."""
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, (list, tuple, dict)):
+        return 0
+    total = len(value)
+    for item in (value.items() if isinstance(value, dict) else value):
+        if total > budget:
+            break
+        total += _items(item, budget - total)
+    return total
+
+
 def _size(value: Any) -> Any:
-    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_ITEMS:
+    if isinstance(value, (str, list, tuple, dict)) and _items(value) > MAX_ITEMS:
         raise Uncheckable(f"value longer than {MAX_ITEMS} items")
     if (isinstance(value, Fraction)
             and max(abs(value.numerator), value.denominator).bit_length() > MAX_DIGITS * 3.33):
@@ -82,7 +102,7 @@ def _pow(a: Any, b: Any) -> Any:
 
 def _mul(a: Any, b: Any) -> Any:
     for seq, n in ((a, b), (b, a)):
-        if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * max(n, 0) > MAX_ITEMS:
+        if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and _items(seq) * max(n, 0) > MAX_ITEMS:
             raise Uncheckable(f"repetition longer than {MAX_ITEMS} items")
     return a * b
 
@@ -115,13 +135,28 @@ def _sorted(items: Any, reverse: bool = False) -> list[Any]:
     return sorted(items, reverse=reverse)
 
 
-FUNCTIONS = {"len": len, "sorted": _sorted, "sum": lambda xs, start=0: sum(xs, start), "min": min,
+def _sum(items: Any, start: Any = 0) -> Any:
+    """Numbers only: sum() over lists concatenates them, quadratic in the total length."""
+    values = [start, *items]
+    if not all(isinstance(v, (int, Fraction)) and not isinstance(v, bool) for v in values):
+        raise Uncheckable("sum() adds numbers only")
+    return sum(values[1:], values[0])
+
+
+FUNCTIONS = {"len": len, "sorted": _sorted, "sum": _sum, "min": min,
              "max": max, "abs": abs, "round": round, "int": int, "float": Fraction, "str": _str,
              "list": list, "tuple": tuple, "range": _range}
 
 
 class _Interpreter:
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + MAX_SECONDS
+
     def run(self, node: ast.AST) -> Any:
+        # Every operation is bounded in size above; the clock is the last line: a claim that
+        # still takes longer is refused, whatever made it slow.
+        if time.monotonic() > self.deadline:
+            raise Uncheckable(f"took longer than {MAX_SECONDS} s to compute")
         method = getattr(self, f"do_{type(node).__name__}", None)
         if method is None:
             raise Uncheckable(f"{type(node).__name__} is not allowed in a check")
