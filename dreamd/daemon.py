@@ -204,6 +204,8 @@ class Daemon:
                     continue
                 schedule.cycle_started(now)
             self.block_reason, self.next_cycle_at = "", None
+            if run.claim is not None:
+                run.claim.check()  # still the run's one writer (a PostgreSQL restart drops the lock)
             try:
                 result = run_cycle(run, self.state)
             except StopRequested:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from dreamd.evals.probes import HeldOutDreamer
     from dreamd.evals.suite import ProbeSuite
     from dreamd.train.checkpoint import CheckpointDir, LoadedCheckpoint
+    from dreamd.store.claim import RunClaim
     from dreamd.store.record import Store
     from dreamd.train.trainer import StepResult, Trainer
 
@@ -100,6 +101,8 @@ class Run:
     dreamer: HeldOutDreamer | RoutingDreamer
     screener: Screener
     hooks: RunHooks = field(default_factory=RunHooks)
+    claim: RunClaim | None = None
+    """This process's claim on the run in the store (one writer per run)."""
     window: TrainingWindow | None = None
     """The current cycle's training window, from open_window until after_train (a rollback
     inside the cycle pushes the restored weights through it)."""
@@ -229,6 +232,7 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     from dreamd.evals.suite import ProbeSuite
     from dreamd.models import apply_threads, load_model, resolve_device
     from dreamd.train.checkpoint import CheckpointDir, load_checkpoint
+    from dreamd.store.claim import RunClaim
     from dreamd.store.record import Store
     from dreamd.train.trainer import Trainer
 
@@ -237,6 +241,7 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     # ---- store: reachable now, or a clear error; migrations before anything else --------------
     store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)
     store.upgrade()
+    claim = RunClaim.take(store, cfg.run.name)  # one writer per run, across machines (store/claim.py)
 
     # ---- run: resume the unfinished run of this name, or start one ---------------------------
     row = store.find_resumable_run(cfg.run.name)
@@ -290,7 +295,7 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     dreamer, screener = open_dreaming(cfg, store, run_id, engine, model, tokenizer, probes)
     run = Run(cfg=cfg, store=store, run_id=run_id, model=model, tokenizer=tokenizer, engine=engine,
               trainer=trainer, checkpoints=checkpoints, probes=probes, dreamer=dreamer, screener=screener,
-              hooks=hooks or RunHooks())
+              hooks=hooks or RunHooks(), claim=claim)
     if latest is None and not store.start_metrics(run_id):
         with run.phase(None, "evaluate"):
             metrics, details = run.evaluate()

@@ -276,3 +276,22 @@ def test_pause_signal_reaches_only_the_main_pid(setup_dir, tmp_path, daemons):
     finally:
         sibling.kill()
         sibling.wait()
+
+
+def test_second_daemon_on_one_run_in_one_store_is_refused_in_one_line(setup_dir, tmp_path, daemons, store_url):
+    """Different state dirs (so the pidfile cannot see it), one store, one run.name: the second
+    would have resumed the same run and superseded or interleaved the first one's steps. The
+    store-side claim refuses it, names the holder, and the first one trains on."""
+    a = write_config(setup_dir, tmp_path / "a.toml", tmp_path / "state-a", store__url=store_url)
+    b = write_config(setup_dir, tmp_path / "b.toml", tmp_path / "state-b", store__url=store_url)
+    first = DaemonProcess(a, tmp_path / "state-a", tmp_path / "a.log").start()
+    daemons.append(first)
+    first.wait_ready()
+    done = cli(b, "run", "--now", "--cycles", "1")
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "is being trained by another dreamd" in err[0] and f"pid {first.pid}" in err[0], err
+    first.send(signal.SIGTERM)
+    assert first.wait() == 0
+    again = cli(b, "run", "--now", "--cycles", "1")  # released with the process: the run goes on here
+    assert again.returncode == 0, again.stderr[-2000:]
