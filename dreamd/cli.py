@@ -24,6 +24,9 @@ def _config(args: argparse.Namespace):
     path = Path(args.config) if args.config else None
     if path is None and Path(DEFAULT_CONFIG).exists():
         path = Path(DEFAULT_CONFIG)
+    if path is None:
+        print(f"dreamd: no --config and no {DEFAULT_CONFIG} in {Path.cwd()}: using the built-in defaults "
+              "and DREAMD_* variables (state in ./state)", file=sys.stderr)
     return load_config(path)
 
 
@@ -183,5 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     except DreamdError as exc:
         print(f"dreamd: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # A file dreamd could not read or write (no space, permissions, a file where a
+        # directory should be): one line naming it, exit 1 (systemd restarts: a full disk passes).
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"dreamd: error: cannot use{where}: {exc.strerror or exc}; check the path, its "
+              "permissions and the free space", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -144,7 +144,19 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         raise UsageError(format_validation_error(exc, where, environ)) from None
     cfg.source = Path(path).resolve() if path else None
     base = Path(path).resolve().parent if path else Path.cwd()
-    return _resolve_paths(cfg, base)
+    cfg = _resolve_paths(cfg, base)
+    _check_state_dir(cfg.run.state_dir, where)
+    return cfg
+
+
+def _check_state_dir(state_dir: Path, where: str) -> None:
+    """run.state_dir must be a directory this user can use, or not exist yet (it is made)."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise UsageError(f"run.state_dir {state_dir} (from {where}) is a file, not a directory; point "
+                         "run.state_dir at a directory (it is created when missing)")
+    if state_dir.is_dir() and not os.access(state_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise UsageError(f"run.state_dir {state_dir} (from {where}) is not readable and writable by this "
+                         "user; fix its owner/permissions (the service user must own it)")
 
 
 def to_toml(cfg: Config) -> str:

@@ -31,7 +31,7 @@ def _open_store(cfg: Config):
 
     from dreamd.errors import UsageError
 
-    store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)
+    store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms, create=False)
     if store.current_revision() is None:
         raise UsageError(f"store {store.url} has no dreamd schema yet; run `dreamd db upgrade` "
                          "or `dreamd run`, or check store.url / run.state_dir")

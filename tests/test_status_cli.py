@@ -94,3 +94,57 @@ def test_status_names_who_paused(setup_dir, tmp_path, daemons):
     status = cli_status(config)
     assert status["daemon"] == "not running" and status["paused"] is True
     assert "paused by SIGUSR1" in status["why_not_running"]
+
+
+def test_read_commands_never_make_a_store_and_say_when_defaults_are_used(tmp_path):
+    """`dreamd status` in a directory without a dreamd.toml once created ./state/dreamd.sqlite
+    silently; `dreamd pause` as root created a root-owned store the service user could not
+    write. Commands that read or mark never create the store, and say which config they use."""
+    import subprocess
+    import sys
+
+    from tests.daemon_process import child_env
+
+    done = subprocess.run([sys.executable, "-m", "dreamd", "status"], cwd=tmp_path, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "using the built-in defaults" in done.stderr, done.stderr
+    assert "no store at" in done.stdout and list(tmp_path.iterdir()) == []
+    paused = subprocess.run([sys.executable, "-m", "dreamd", "pause"], cwd=tmp_path, env=child_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert paused.returncode == 0 and "no run in the store yet" in paused.stdout, paused.stderr
+    assert [p.name for p in (tmp_path / "state").iterdir()] == ["paused"]  # the flag, no store
+
+
+def test_pause_as_root_leaves_the_flag_to_the_state_dirs_owner(setup_dir, tmp_path):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the case is an operator running `sudo dreamd pause`")
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 4242, 4242)  # the service user
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state)
+    done = cli(config, "pause")
+    assert done.returncode == 0, done.stderr
+    flag = state / "paused"
+    assert (flag.stat().st_uid, flag.stat().st_gid) == (4242, 4242)
+    assert not (state / "dreamd.sqlite").exists()
+
+
+@pytest.mark.parametrize("make", ["file", "unwritable"])
+def test_a_state_dir_that_cannot_be_used_is_one_line_exit_2(setup_dir, tmp_path, make):
+    import os
+
+    state = tmp_path / "state"
+    if make == "file":
+        state.write_text("not a directory")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write any directory")
+        state.mkdir(mode=0o500)
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", tmp_path / "elsewhere")
+    config.write_text(config.read_text().replace(str(tmp_path / "elsewhere"), str(state)))
+    for command in ("status", "pause", "run"):
+        done = cli(config, command)
+        err = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(err) == 1 and "run.state_dir" in err[0], done.stderr

@@ -111,6 +111,11 @@ class PauseFlag:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps({"paused_at": stamp.isoformat(timespec="seconds"),
                                              "source": source}) + "\n")
+        owner = self.path.parent.stat()
+        if os.geteuid() == 0 and owner.st_uid != 0:
+            # `dreamd pause` run as root in the service user's state dir: the flag stays the
+            # service user's, so the daemon can clear it on `dreamd resume`.
+            os.chown(self.path, owner.st_uid, owner.st_gid)
 
     def clear(self) -> None:
         try:

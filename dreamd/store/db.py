@@ -204,8 +204,10 @@ class Database:
 
     @classmethod
     def open(cls, url: str, busy_timeout_ms: int = 10_000, retries: int = 0,
-             retry_delay_s: float = 0.5) -> Self:
-        """Connect to the store at `url` (creating a SQLite file's directory).
+             retry_delay_s: float = 0.5, create: bool = True) -> Self:
+        """Connect to the store at `url` (creating a SQLite file and its directory, unless
+        create=False: the commands that only read or mark a run never make a store, so `dreamd
+        status` in the wrong directory, or `dreamd pause` as root, leaves nothing behind).
 
         Retries `retries` times with exponential backoff from `retry_delay_s` (0.5, 1, 2, ...
         seconds). Raises one line: UsageError when the URL is bad or the store refuses this
@@ -213,6 +215,10 @@ class Database:
         """
         parsed = parse_store_url(url)
         sqlite_file = _sqlite_file(parsed) if parsed.get_backend_name() == "sqlite" else None
+        if sqlite_file is not None and not create and not sqlite_file.is_file():
+            raise UsageError(f"no store at {sqlite_file}{' (it is not a file)' if sqlite_file.exists() else ''}; "
+                             "run `dreamd run` first, or point --config at the run's config "
+                             "(run.state_dir / store.url)")
         if sqlite_file is not None:
             try:
                 sqlite_file.parent.mkdir(parents=True, exist_ok=True)
