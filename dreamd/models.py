@@ -154,6 +154,12 @@ def load_model(model_cfg: ModelConfig, device: str) -> tuple[PreTrainedModel, Pr
             raise UsageError(f"{type(config).__name__} in {path} cannot use model.attn_implementation = "
                              f"{model_cfg.attn_implementation!r} ({first}); set it to 'eager'") from None
         raise UsageError(f"cannot load the model in {path}: {first}") from None
+    except RuntimeError as exc:  # transformers: tensors whose shapes differ from config.json
+        if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise UsageError(f"weights in {path} have other shapes than its config.json says "
+                         f"({type(config).__name__}); the config and the weights come from different "
+                         "models, copy the full model again") from None
     # A checkpoint that lacks tensors loads "fine" with random values and a warning; training
     # from that would silently start from noise, so refuse it.
     missing = sorted(info.get("missing_keys") or [])

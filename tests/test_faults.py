@@ -551,6 +551,12 @@ def break_model(setup_dir: Path, dest: Path, how: str) -> Path:
         (dest / "config.json").write_text("{not json")
     elif how == "no weights":
         (dest / "model.safetensors").unlink()
+    elif how == "config of another model":
+        import json
+
+        config = json.loads((dest / "config.json").read_text())
+        config["intermediate_size"] *= 2
+        (dest / "config.json").write_text(json.dumps(config))
     return dest
 
 
@@ -559,6 +565,7 @@ def break_model(setup_dir: Path, dest: Path, how: str) -> Path:
     ("truncated weights", "corrupt or truncated"),
     ("broken config.json", "config.json"),
     ("no weights", "weights"),
+    ("config of another model", "other shapes than its config.json"),  # was a traceback
 ])
 def test_model_dir_missing_or_corrupt_is_one_line_exit_2(setup_dir, tmp_path, how, words):
     model = break_model(setup_dir, tmp_path / "model", how)
