@@ -105,6 +105,22 @@ def test_systemd_analyze_verify_passes(tmp_path):
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not installed (apt-get install -y systemd)")
+def test_unit_exposure_is_at_most_3_and_gpus_stay_reachable(tmp_path):
+    """`systemd-analyze security` scored the unit 7.1 MEDIUM; the target is <= 3.0 without
+    taking the GPUs away (DeviceAllow for /dev/nvidia*, no PrivateDevices)."""
+    copy = tmp_path / "dreamd.service"
+    copy.write_text(UNIT.read_text())
+    done = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(copy)],
+                          capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for dreamd.service: ([0-9.]+)", done.stdout)
+    assert match, done.stdout[-2000:] + done.stderr[-2000:]
+    assert float(match.group(1)) <= 3.0, done.stdout
+    service = unit_directives(UNIT.read_text())["Service"]
+    assert "char-nvidia* rw" in service["DeviceAllow"] and "PrivateDevices" not in service
+
+
 def test_operations_doc_covers_every_cli_command_and_the_main_pid_rule():
     text = OPERATIONS.read_text()
     sub = next(a for a in build_parser()._actions if a.dest == "command")
