@@ -250,6 +250,49 @@ def test_kill_between_checkpoint_and_its_rows(setup_dir, tmp_path, daemons, meth
     assert [r["number"] for r in ck_rows] == ([1, 2] if stop == "no" else [1, 1]), ck_rows
 
 
+KILL_IN_PROBES = r"""
+import os, signal, sys
+from dreamd.config_file import load_config
+from dreamd.log import setup_logging
+from dreamd.run import open_run
+from dreamd.store.record import Store
+
+original, calls = Store._insert_scenario, [0]
+
+def killing(s, run_id, cycle_id, scenario, status, *args, **kwargs):
+    if status == "probe":
+        calls[0] += 1
+        if calls[0] == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original(s, run_id, cycle_id, scenario, status, *args, **kwargs)
+
+Store._insert_scenario = staticmethod(killing)
+setup_logging()
+open_run(load_config(sys.argv[1]))
+raise SystemExit("the kill point was never reached")
+"""
+
+
+@pytest.mark.parametrize("at", [1, 9, 40])
+@pytest.mark.slow
+def test_kill_while_storing_probes_then_restart(setup_dir, tmp_path, daemons, at):
+    """SIGKILL in the middle of writing the run's probe set (it was one transaction per probe:
+    the partial set was read back on every restart and each failed, a restart loop)."""
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state)
+    url = sqlite_url(state)
+    done = subprocess.run([sys.executable, "-c", KILL_IN_PROBES, str(config), str(at)],
+                          env=child_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert store_rows(url, "SELECT COUNT(*) AS n FROM scenarios WHERE status = 'probe'")[0]["n"] == 0
+    d = DaemonProcess(config, state, tmp_path / "run.log", args=("--now", "--cycles", "1")).start()
+    daemons.append(d)
+    assert d.wait(180) == 0, d.log_tail()
+    integrity_ok(state)
+    assert store_rows(url, "SELECT COUNT(*) AS n FROM scenarios WHERE status = 'probe'")[0]["n"] == 68
+    assert len(assert_lineage_consistent(url, state / "checkpoints" / "run-1")) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # the store: locked or unreachable
 
