@@ -295,3 +295,38 @@ def test_second_daemon_on_one_run_in_one_store_is_refused_in_one_line(setup_dir,
     assert first.wait() == 0
     again = cli(b, "run", "--now", "--cycles", "1")  # released with the process: the run goes on here
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_sighup_storm_with_broken_files_never_stops_the_run(setup_dir, tmp_path, daemons):
+    """40 SIGHUPs in ~4 s while it trains, the file flipping between valid edits, a non-UTF-8
+    byte and a value the schedule cannot hold (each once crashed a running daemon with exit 1):
+    the daemon keeps its last good config through every broken one and finishes its cycles."""
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state)
+    good = config.read_text()
+    url = sqlite_url(state)
+    d = DaemonProcess(config, state, tmp_path / "daemon.log", args=("--now", "--cycles", "3")).start()
+    daemons.append(d)
+    d.wait_ready()
+    assert "[schedule]\n" in good and "\naccept = 1.0\n" in good
+    broken = [good.encode() + b"\n# caf\xe9\n",
+              good.replace("[schedule]\n", "[schedule]\nmisfire_grace_minutes = 1e308\n", 1).encode(),
+              good.replace("\naccept = 1.0\n", "\naccept = inf\n", 1).encode(),
+              good.replace("\naccept = 1.0\n", "\naccept = 0.9\n", 1).encode()]
+    for i in range(40):  # the storm: signals coalesce; each reload reads the file as it is then
+        config.write_bytes(broken[i % len(broken)])
+        assert d.alive(), d.log_tail()
+        d.send(signal.SIGHUP)
+        time.sleep(0.1)
+    for content, said in zip(broken[:3], ("not UTF-8", "527040", "finite number")):  # then one by one
+        seen = len(events(url, "reload"))
+        config.write_bytes(content)
+        d.send(signal.SIGHUP)
+        summary = wait_until(lambda: [e["detail"] for e in events(url, "reload")[seen:] if "reload failed" in e["detail"]
+                                      or "applied" in e["detail"] or "unchanged" in e["detail"]], 60, "the reload")
+        assert any("reload failed, config unchanged" in r and said in r for r in summary), summary
+    config.write_text(good)
+    assert d.wait(300) == 0, d.log_tail()
+    committed = store_rows(url, "SELECT number FROM cycles WHERE status = 'committed'")
+    assert len(committed) == 3
