@@ -10,10 +10,11 @@ status`, `pause` and `resume` answer at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from dreamd.errors import DreamdError
+from dreamd.errors import DreamdError, UsageError
 
 DEFAULT_CONFIG = "dreamd.toml"
 
@@ -51,7 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dreamd.daemon import run_daemon
 
     cfg = _config(args)
-    if args.cycles is not None:
+    if getattr(args, "cycles", None) is not None:
+        if args.cycles < 0:
+            raise UsageError(f"--cycles {args.cycles}: pass 0 (forever) or a positive number")
         cfg.run.cycles = args.cycles
     return run_daemon(cfg, once=args.command == "once", schedule=not args.now)
 
@@ -114,8 +117,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dreamd")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dreamd", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dreamd", description="dreamd: a continuous dream-loop training daemon. "
+                                "It dreams scenarios with the model, screens them, trains on them with "
+                                "APOLLO, measures, and logs every step to a SQL store.",
+                                epilog="Start: `dreamd init DIR` then `dreamd run -c DIR/dreamd.toml`. "
+                                "Docs: README.md and docs/operations.md.")
+    p.add_argument("--version", action="version", version=f"dreamd {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -144,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("run", "run the dream loop (foreground) for run.cycles cycles, 0 = forever"),
                            ("once", "run exactly one cycle now and exit")):
         sp = with_config(sub.add_parser(name, help=helptext))
-        sp.add_argument("--cycles", type=int, help="override run.cycles")
+        if name == "run":  # `once` is one cycle: a --cycles there would be silently ignored
+            sp.add_argument("--cycles", type=int, help="override run.cycles (0 = forever)")
         sp.add_argument("--now", action="store_true", help="ignore the schedule: run cycles back to back")
         sp.set_defaults(func=cmd_run)
 
@@ -186,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     except DreamdError as exc:
         print(f"dreamd: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # `dreamd history | head`: the reader left; say nothing more (Python would print a
+        # traceback, then another when it flushes stdout at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         # A file dreamd could not read or write (no space, permissions, a file where a
         # directory should be): one line naming it, exit 1 (systemd restarts: a full disk passes).

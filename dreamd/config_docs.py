@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from dreamd.config import Config, Section
+from dreamd.config_file import toml_value
 
 
 def config_reference() -> str:
@@ -38,7 +39,8 @@ def config_reference() -> str:
 
 
 def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Field docs as lines 'section.field = default  # doc' (for `dreamd config --explain`)."""
+    """Field docs as lines 'section.field = default  # doc', the default written as TOML (for
+    `dreamd config --explain`)."""
     out: list[str] = []
     for name, field in model.model_fields.items():
         if field.exclude:
@@ -49,5 +51,9 @@ def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
             out.extend(explain(ann, prefix=f"{prefix}{name}."))
             continue
         doc = " ".join((field.description or "").split())
-        out.append(f"{prefix}{name} = {field.default!r}  # {doc}")
+        if field.default is None:  # TOML has no null: an unset field is left out of the file
+            out.append(f"# {prefix}{name} is unset by default  # {doc}")
+        else:
+            value = TypeAdapter(field.annotation).dump_python(field.default, mode="json")
+            out.append(f"{prefix}{name} = {toml_value(value)}  # {doc}")
     return out

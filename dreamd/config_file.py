@@ -30,8 +30,17 @@ def _parse_env_value(raw: str) -> Any:
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    sections = [name for name in Config.model_fields if name != "source"]
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or "__" not in key:
+        if not key.startswith(ENV_PREFIX):
+            continue
+        if "__" not in key:
+            rest = key[len(ENV_PREFIX):].lower()
+            section = next((sec for sec in sections if rest.startswith(sec + "_")), None)
+            if section is not None:  # DREAMD_TRAIN_LR: one underscore, silently ignored before
+                field = rest[len(section) + 1:].upper()
+                raise UsageError(f"environment variable {key} is not read: section and field are "
+                                 f"joined by two underscores, {ENV_PREFIX}{section.upper()}__{field}")
             continue
         path = key[len(ENV_PREFIX):].lower().split("__")
         node = out
@@ -166,16 +175,16 @@ def to_toml(cfg: Config) -> str:
     for section, value in cfg.redacted().model_dump(mode="json", exclude_none=True).items():
         lines.append(f"[{section}]")
         for k, v in value.items():
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{k} = {toml_value(v)}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(str(v))

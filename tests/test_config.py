@@ -190,3 +190,50 @@ def test_sighup_with_a_broken_file_keeps_the_running_config(tmp_path):
         path.write_bytes(broken)
         result = reload_config(current, environ={})
         assert result.error and result.config.train.lr == 2e-5
+
+
+# ---- the command line, as a new user meets it ---------------------------------------------------
+
+
+def _dreamd(*args, env=None, cwd=None, shell=None):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMD_")} | (env or {})
+    if shell:
+        return subprocess.run(shell, shell=True, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dreamd", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_version_help_and_refusals(tmp_path):
+    from importlib.metadata import version
+
+    assert _dreamd("--version").stdout.strip() == f"dreamd {version('dreamd')}"
+    assert "dream-loop training daemon" in _dreamd("--help").stdout
+    once = _dreamd("once", "--cycles", "2")  # was silently one cycle
+    assert once.returncode == 2 and "unrecognized arguments: --cycles 2" in once.stderr
+    typo = _dreamd("config", env={"DREAMD_TRAIN_LR": "1e-4"}, cwd=tmp_path)  # was silently ignored
+    assert typo.returncode == 2 and "DREAMD_TRAIN__LR" in typo.stderr.splitlines()[-1]
+
+
+def test_config_explain_is_toml():
+    out = _dreamd("config", "--explain").stdout
+    for python in ("PosixPath(", "None", "True", "False", "(0.9, 0.999)"):
+        assert python not in out.split("#")[0] and f"= {python}" not in out, python
+    assert 'run.state_dir = "state"' in out and "optimizer.betas = [0.9, 0.999]" in out
+    assert "engine.enforce_eager = true" in out
+
+
+def test_a_closed_pipe_is_not_a_traceback(capsys):
+    """`dreamd history | head`: the reader is gone before dreamd writes; it was a traceback."""
+    import io
+    import os
+    from contextlib import redirect_stdout
+
+    from dreamd.cli import main
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with io.TextIOWrapper(io.FileIO(write_end, "w"), write_through=True) as out, redirect_stdout(out):
+        assert main(["config", "--explain"]) == 141
+    assert "Traceback" not in capsys.readouterr().err
