@@ -77,7 +77,6 @@ def run_one(name: str, init: str, state: str, cycles: int, extra: dict[str, str]
     torch.set_num_threads(1)  # two runs share two cores; more threads only contend
     from dreamd.config_file import load_config
     from dreamd.cycle import run_cycle
-    from dreamd.evals.report import load_run
     from dreamd.errors import CycleFailed
     from dreamd.run import open_run
 
@@ -93,18 +92,30 @@ def run_one(name: str, init: str, state: str, cycles: int, extra: dict[str, str]
             statuses.append(f"failed: {exc}")
             parts.roll_back(loop_state, reason=str(exc))
     seconds = time.perf_counter() - t0
-    data = load_run(parts.store, name)
     parts.store.close()
-    number = {c["id"]: c["number"] for c in data.cycles}
+    return summarise(name, state, seconds, statuses, loop_state.settings)
+
+
+def summarise(name: str, state: str, seconds: float | None = None, statuses: list[str] | None = None,
+              settings: Any = None) -> dict[str, Any]:
+    """A run's trends, decisions and examples seen per cycle, read back from its store."""
+    from dreamd.evals.report import load_run
+    from dreamd.store.record import Store
+
+    store = Store.open(f"sqlite:///{Path(state) / 'dreamd.sqlite'}", create=False)
+    data = load_run(store, name)
+    store.close()
+    number = {c["cycle_id"]: c["number"] for c in data.cycles}
     seen: dict[int, int] = {}
     for step in data.steps:
         n = number.get(step["cycle_id"], 0)
         seen[n] = seen.get(n, 0) + step["n_general"] + step["n_behavioral"]
-    return {"name": name, "seconds": seconds, "statuses": statuses, "steps": len(data.steps),
-            "examples_by_cycle": seen,
-            "trend": data.trend, "lr_final": loop_state.settings.lr,
-            "examples_final": loop_state.settings.examples_per_cycle,
-            "general_share_final": loop_state.settings.general_share,
+    last = data.cycles[-1] if data.cycles else {}
+    return {"name": name, "seconds": seconds, "statuses": statuses or [c["status"] for c in data.cycles],
+            "steps": len(data.steps), "examples_by_cycle": seen, "trend": data.trend,
+            "lr_final": settings.lr if settings else last.get("lr"),
+            "examples_final": settings.examples_per_cycle if settings else None,
+            "general_share_final": settings.general_share if settings else last.get("planned_general_share"),
             "decisions": [{k: d[k] for k in ("cycle", "action", "reason", "before", "after")}
                           for d in data.decisions]}
 
@@ -181,7 +192,8 @@ def print_tables(results: dict[str, Any], cycles: int, seconds: float) -> None:
     print()
     for n in names:
         r = results[n]
-        print(f"{n}: {r['steps']} optimizer steps, {r['seconds']:.0f} s, statuses {r['statuses']}, final lr "
+        took = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "time not recorded"
+        print(f"{n}: {r['steps']} optimizer steps, {took}, statuses {r['statuses']}, final lr "
               f"{r['lr_final']:.3g}, examples/cycle {r['examples_final']}, general share {r['general_share_final']}")
         for d in r["decisions"]:
             print(f"  cycle {d['cycle']}: {d['action']}: {d['reason']}")
@@ -196,8 +208,20 @@ def main() -> None:
     real = parser.add_mutually_exclusive_group()
     real.add_argument("--model", help="a named real model (dreamd init --model), e.g. smollm2-135m-instruct")
     real.add_argument("--gguf", help="a local GGUF causal LM (dreamd init --gguf)")
+    parser.add_argument("--reread", action="store_true", help="print the tables of the finished runs in "
+                        "--dir again without running anything")
     args = parser.parse_args()
     t0 = time.perf_counter()
+    if args.reread:
+        if not args.dir:
+            parser.error("--reread needs --dir")
+        names = REAL_RUNS if (args.model or args.gguf) else RUNS
+        results = {n: summarise(n, str(Path(args.dir) / f"state-{n}")) for n in names}
+        if args.model or args.gguf:
+            print_per_cycle(results)
+            print()
+        print_tables(results, args.cycles, time.perf_counter() - t0)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.model or args.gguf:
             results = run_real(Path(args.dir or tmp), args.cycles, args.model, args.gguf)
