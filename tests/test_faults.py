@@ -108,6 +108,8 @@ def checkpoint_being_written(root: Path) -> bool:
 # process migrates, loads the model or resumes.
 TARGETS = ("dream", "train", "checkpoint", "db_write", "evaluate", "startup")
 DELAY_S = {"dream": 0.05, "train": 0.3, "evaluate": 0.1}
+KILLS = 50
+"""SIGKILLs per run of the harness (docs/operations.md records the figures)."""
 
 
 @pytest.mark.slow
@@ -120,7 +122,7 @@ def test_sigkill_in_every_phase_then_restart_keeps_the_history_straight(setup_di
     ckpt_root = state / "checkpoints" / "run-1"
     hits: list[tuple[str, str]] = []                          # (target, what was seen at the kill)
     resumes: list[tuple[int, int | None]] = []                # (checkpoint step, first step after)
-    for i in range(20):
+    for i in range(KILLS):
         target = TARGETS[i % len(TARGETS)]
         before = {"step_id": 0, "event_id": 0}
         if db.exists():
@@ -555,6 +557,47 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(setup_dir, 
     assert resumed[0]["checkpoint"] == before[0].name and resumed[0]["step"] == 2
     integrity_ok(state)
     assert len(assert_lineage_consistent(url, ckpt_root)) == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.5 MiB tmpfs of this test's own (root only), for a store that runs out of space;
+    yields (mount point, grow) where grow() gives it 64 MiB."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()[:80]})")
+    try:
+        yield mnt, lambda: subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_store_disk_full_is_one_line_exit_75_and_a_restart_loses_nothing(setup_dir, tmp_path, daemons, small_disk):
+    """The STORE's disk fills (not the checkpoint's): retried, then one line and exit 75 (it was
+    a 98-line traceback with the cycle row left 'running'); once there is room a restart
+    resumes from the checkpoint with the lineage intact."""
+    mnt, grow = small_disk
+    state = tmp_path / "state"
+    url = f"sqlite:///{mnt / 'dreamd.sqlite'}"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state, store__url=url,
+                          store__connect_retries=1, mix__examples_per_cycle=16)
+    d = DaemonProcess(config, state, tmp_path / "full.log", args=("--now", "--cycles", "40")).start()
+    daemons.append(d)
+    assert d.wait(600) == 75, d.log_tail()
+    last = [line for line in d.log_tail(50).splitlines() if line.strip()][-1]
+    assert last.startswith("dreamd: error: store ") and "full" in last and "free space" in last, last
+    grow()
+    again = DaemonProcess(config, state, tmp_path / "again.log", args=("--now", "--cycles", "1")).start()
+    daemons.append(again)
+    assert again.wait(300) == 0, again.log_tail()
+    with sqlite3.connect(mnt / "dreamd.sqlite") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    steps = assert_lineage_consistent(url, state / "checkpoints" / "run-1")
+    assert steps and not store_rows(url, "SELECT id FROM cycles WHERE status = 'running'")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -357,8 +357,9 @@ def store_failure(exc: BaseException, url: str | URL, busy_timeout_ms: int, when
     if "locked" in low:
         hint = (f"another process holds its write lock longer than store.busy_timeout_ms={busy_timeout_ms}; "
                 "close it (an open sqlite3 shell, a backup) or raise the timeout")
-    elif "full" in low or "no space" in low:
-        hint = "free space on the store's disk; dreamd resumes from its last checkpoint when restarted"
+    elif "full" in low or "no space" in low or "i/o error" in low:
+        hint = ("free space on the store's disk (and check it for I/O errors); dreamd resumes from its "
+                "last checkpoint when restarted")
     else:
         hint = "check that the server runs and accepts connections; dreamd resumes when restarted"
     return StoreUnavailable(f"{where}; {hint}")
