@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dreamd.dream.scenario import Message
@@ -32,10 +33,34 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+def fold_system(messages: list[Message]) -> list[Message]:
+    """The conversation without a system turn: its content leads the first user turn (what
+    Gemma- and Mistral-style templates, which have no system role, expect a caller to do)."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
+
+
+def render_text(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> str:
+    """The conversation rendered with the model's chat template. A template that refuses a
+    system turn ("System role not supported") gets it folded into the first user turn; every
+    path (training, generation, evaluation) renders through here, so they agree."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        if not messages or messages[0]["role"] != "system" or "system" not in str(exc).lower():
+            raise
+        return tokenizer.apply_chat_template(fold_system(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+
 def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> list[int]:
     """Token ids of a conversation rendered with the chat template. Rendered to text, then
     tokenised without adding BOS/EOS: the template already wrote every special token it wants."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = render_text(tokenizer, messages, add_generation_prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

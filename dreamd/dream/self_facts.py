@@ -16,6 +16,9 @@ from typing import Any
 
 INT_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
               "max_position_embeddings", "vocab_size", "intermediate_size", "head_dim")
+ALIASES = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",
+           "max_position_embeddings": "n_positions", "intermediate_size": "n_inner"}
+"""GPT-2-family config.json names of INT_FIELDS (a PretrainedConfig maps them itself)."""
 
 
 def config_dict(model_config: Any) -> dict[str, Any]:
@@ -25,6 +28,12 @@ def config_dict(model_config: Any) -> dict[str, Any]:
         raise ValueError("self scenarios need the model's config: pass model_config=<PretrainedConfig "
                          "or dict>")
     d = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    for name in INT_FIELDS:  # GPT-2 style names (n_layer, n_embd, ...): transformers' attribute_map
+        if d.get(name) is None:
+            value = getattr(model_config, name, None) if hasattr(model_config, "to_dict") else \
+                d.get(ALIASES.get(name, ""))
+            if value is not None:
+                d[name] = value
     text = d.get("text_config")
     if d.get("num_hidden_layers") is None and isinstance(text, dict):
         d = {**text, "model_type": text.get("model_type", d.get("model_type"))}

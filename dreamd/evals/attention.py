@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dreamd.chat import eval_mode
+from dreamd.chat import eval_mode, render_text
 from dreamd.evals.probes import Probe
 from dreamd.models import model_facts
 
@@ -66,7 +66,7 @@ class AttentionInput:
 def attention_input(tokenizer: Any, probe: Probe) -> AttentionInput:
     """The chat-rendered prompt and where the direction and the reply start are in it."""
     assert probe.direction, "attention probes carry a direction"
-    text = tokenizer.apply_chat_template(probe.messages, tokenize=False, add_generation_prompt=True)
+    text = render_text(tokenizer, probe.messages, add_generation_prompt=True)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     content = probe.messages[-1]["content"]
     at = text.rfind(content)
