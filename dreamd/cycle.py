@@ -204,9 +204,18 @@ def run_cycle(run: Run, state: RunState) -> CycleResult:
                          accepted=dict(kinds), rejected=rejected,
                          mean_loss=sum(losses) / len(losses) if losses else None, metrics=metrics,
                          seconds=time.perf_counter() - t0)
-    log.info("cycle.committed", cycle=number, steps=result.steps, accepted=result.accepted,
-             rejected=rejected, mean_loss=result.mean_loss, seconds=round(result.seconds, 2), **metrics)
+    # One short line per cycle: the headline numbers, 4 significant digits. Every metric is in
+    # the store (evals; `dreamd history`, `dreamd report`), not in the log.
+    headline = {k.replace(".", "_"): float(f"{metrics[k]:.4g}") for k in HEADLINE_METRICS if k in metrics}
+    log.info("cycle.committed", cycle=number, steps=result.steps, accepted=sum(result.accepted.values()),
+             rejected=rejected, loss=None if result.mean_loss is None else float(f"{result.mean_loss:.4g}"),
+             **headline, decision=decision.action, next_lr=float(f"{state.settings.lr:.3g}"),
+             seconds=round(result.seconds, 1))
     return result
+
+
+HEADLINE_METRICS = ("q1.balanced", "q1.sycophancy", "margin.mean", "forget.perplexity", "forget.arith_em")
+"""The metrics the per-cycle log line shows (docs/sql.md "Metric names" has them all)."""
 
 
 def decide_and_record(run: Run, state: RunState, cycle_id: int, metrics: dict[str, float]) -> ControllerDecision:

@@ -256,7 +256,9 @@ class Daemon:
                                                      "step": run.trainer.step})
         run.store.set_run_status(run.run_id, "finished" if finished else "stopped")
         self.publish("stopped")
-        log.info("daemon.stopped", reason=stop_reason, cycles=done, step=run.trainer.step)
+        source = f" --config {cfg.source}" if cfg.source else ""
+        log.info("daemon.stopped", reason=stop_reason, cycles=done, step=run.trainer.step, run_id=run.run_id,
+                 see=f"dreamd history{source}; dreamd report{source}")
         return 1 if failed else 0
 
     def _checkpoint_failed(self, exc: CheckpointFailed) -> int:
