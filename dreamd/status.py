@@ -119,6 +119,8 @@ def print_status(cfg: Config, as_json: bool = False) -> int:
         live = None                    # left by an earlier process; this one has not written yet
     out: dict[str, Any] = {"daemon": "running" if daemon.running else "not running",
                            "pid": daemon.pid if daemon.running else None}
+    if daemon.stale_pid is not None:  # after a kill -9 or a crash: say so, do not look clean
+        out["pidfile"] = f"stale: {daemon.stale_reason} (left by a process that died; the next start replaces it)"
     if live:
         out.update(live)
     run_paused = False
@@ -130,6 +132,8 @@ def print_status(cfg: Config, as_json: bool = False) -> int:
             run_paused = bool(run.paused)
             out.update(run_id=run.id, run_status=run.status,
                        last_committed_cycle=last.number if last else None)
+            if run.status == "running" and not daemon.running:
+                out["run_status"] = "running in the store, but no daemon runs it (it died; the next start resumes it)"
     except Exception as exc:  # status must answer even when the store cannot
         out["store"] = f"unreadable: {exc}"
     # A live daemon's applied state wins; without one, the flag file (or runs.paused, which
@@ -143,7 +147,9 @@ def print_status(cfg: Config, as_json: bool = False) -> int:
         print(json.dumps(out, default=str, indent=1))
     else:
         for k, v in out.items():
-            print(f"{k:>22}: {v}")
+            if isinstance(v, dict):  # paused_by: words, not a Python dict
+                v = ", ".join(f"{key} {val}" for key, val in v.items() if val is not None)
+            print(f"{k:>22}: {'-' if v is None else v}")
     sys.stdout.flush()
     return 0
 

@@ -30,7 +30,10 @@ def test_status_and_history_before_any_run(setup_dir, tmp_path):
     done = cli(config, "history")
     assert done.returncode == 2
     err = done.stderr.strip().splitlines()
-    assert len(err) == 1 and "no dreamd schema yet" in err[0] and "dreamd run" in err[0]
+    assert len(err) == 1 and "no store at" in err[0] and "dreamd run" in err[0]
+    assert not (tmp_path / "state" / "dreamd.sqlite").exists()  # reading never makes a store
+    assert cli(config, "db", "upgrade").returncode == 0
+    assert cli(config, "history").returncode == 0  # a store without runs: an empty history
 
 
 @pytest.mark.slow
@@ -148,3 +151,19 @@ def test_a_state_dir_that_cannot_be_used_is_one_line_exit_2(setup_dir, tmp_path,
         done = cli(config, command)
         err = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(err) == 1 and "run.state_dir" in err[0], done.stderr
+
+
+def test_status_after_kill_9_says_the_pidfile_is_stale_and_the_run_died(setup_dir, tmp_path, daemons):
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state)
+    d = DaemonProcess(config, state, tmp_path / "daemon.log").start()
+    daemons.append(d)
+    d.wait_ready()
+    d.kill()
+    d.wait()
+    status = cli_status(config)
+    assert status["daemon"] == "not running" and status["pid"] is None
+    assert status["pidfile"].startswith(f"stale: pid {d.pid} is not running"), status
+    assert "no daemon runs it" in status["run_status"], status
+    text = cli(config, "status").stdout
+    assert "None" not in text and "{" not in text, text  # words, not Python values
