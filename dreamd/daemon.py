@@ -53,6 +53,7 @@ class Daemon:
         self.phase = "starting"
         self.step: int | None = None
         self.block_reason = ""
+        self._said_waiting: tuple[str, Any] | None = None
         self.next_cycle_at: datetime | None = None
         # Waits (paused, between scheduled cycles) wake at least 4 times per WatchdogSec to ping.
         watchdog = self.notifier.watchdog_s
@@ -196,6 +197,12 @@ class Daemon:
                 self.block_reason, self.next_cycle_at = decision.reason, decision.next_time
                 if not decision.run_now:
                     self.publish("waiting")
+                    said = (decision.reason, decision.next_time)
+                    if said != self._said_waiting:  # once per new wait, not per tick
+                        self._said_waiting = said
+                        log.info("schedule.waiting", reason=decision.reason,
+                                 next_cycle_at=decision.next_time.astimezone().strftime("%Y-%m-%d %H:%M %Z")
+                                 if decision.next_time else None)
                     wait = 30.0 if decision.next_time is None else (decision.next_time - now).total_seconds()
                     # Wake at least every 10 s (or WatchdogSec / 4) to feed the watchdog and
                     # re-check idleness.

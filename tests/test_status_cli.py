@@ -60,6 +60,8 @@ def test_status_while_waiting_for_the_schedule_and_after_a_restart(setup_dir, tm
     assert status["why_not_running"].startswith("next slot") and "every 60 min" in status["why_not_running"]
     text = cli(config, "status").stdout
     assert "waiting" in text and "next slot" in text
+    said = [e for e in d.log_lines() if e.get("event") == "schedule.waiting"]
+    assert len(said) == 1 and said[0]["next_cycle_at"] and "next slot" in said[0]["reason"], said  # once, not per tick
 
     d.send(signal.SIGTERM)
     assert d.wait() == 0
