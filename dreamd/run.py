@@ -281,13 +281,13 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
         settle_checkpoint_rows(store, run_id, latest, ck)
         # Steps are 0-based: a checkpoint after `trainer.step` steps holds steps 0..step-1.
         gone = store.supersede_after(run_id, trainer.step - 1)
-        store.add_event(run_id, "resume", {"checkpoint": latest.name, "step": trainer.step,
+        store.add_event(run_id, "restart", {"checkpoint": latest.name, "step": trainer.step,
                                            "cycle": state.cycle, "superseded": gone._asdict()})
         log.info("run.resumed", run_id=run_id, checkpoint=latest.name, step=trainer.step,
                  cycle=state.cycle, superseded=gone._asdict())
     if row is not None and latest is None:
         gone = store.supersede_after(run_id, -1)
-        store.add_event(run_id, "resume", {"checkpoint": None, "step": 0, "superseded": gone._asdict()})
+        store.add_event(run_id, "restart", {"checkpoint": None, "step": 0, "superseded": gone._asdict()})
 
     # ---- probes: drawn once per run (stored, status 'probe'), held out of training by a
     # screening rule, and measured before the first cycle (the baseline, evals.cycle_id NULL) ----

@@ -133,7 +133,7 @@ def test_sigkill_in_every_phase_then_restart_keeps_the_history_straight(setup_di
         seen = kill_at(d, target, rng, db, ckpt_root)
         hits.append((target, seen))
         # What this process resumed from, and the first step it then trained.
-        resumed = store_rows(url, "SELECT detail FROM events WHERE kind = 'resume' AND id > :e",
+        resumed = store_rows(url, "SELECT detail FROM events WHERE kind = 'restart' AND id > :e",
                              e=before["event_id"]) if db.exists() else []
         if resumed:
             detail = json.loads(resumed[0]["detail"])
