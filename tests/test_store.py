@@ -271,17 +271,20 @@ def test_read_then_write_waits_instead_of_sqlite_busy(tmp_path: Path) -> None:
     store.close()
 
 
-def test_unreachable_postgres_is_one_line_usage_error() -> None:
+def test_unreachable_postgres_is_one_line_store_unavailable() -> None:
+    """Exit 75 (systemd restarts: a server that is down comes back), not 2 (never restarted)."""
+    from dreamd.errors import StoreUnavailable
+
     url = "postgresql+psycopg://dreamd:s3cret@127.0.0.1:1/nowhere"
     t0 = time.monotonic()
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(StoreUnavailable) as err:
         Store.open(url, retries=2, retry_delay_s=0.05)
     elapsed = time.monotonic() - t0
     message = str(err.value)
-    assert "\n" not in message and "s3cret" not in message
+    assert "\n" not in message and "s3cret" not in message and err.value.exit_code == 75
     redacted = "postgresql+psycopg://dreamd:***@127.0.0.1:1/nowhere"
-    assert message.startswith(f"store unreachable at {redacted}: ")
-    assert message.endswith("; check store.url or that the server runs")
+    assert message.startswith(f"store {redacted} failed to connect: ")
+    assert message.endswith("check that the server runs and accepts connections; dreamd resumes when restarted")
     assert 0.15 <= elapsed < 10  # two backoff sleeps: 0.05 + 0.1 s
 
 
