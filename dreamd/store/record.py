@@ -55,6 +55,10 @@ STEP_REQUIRED = ("lr", "tokens", "n_behavioral", "n_general", "wall_ms", "tokens
 STEP_OPTIONAL = ("loss", "grad_norm", "pad_fraction", "peak_mem_bytes", "update_landed", "skipped")
 
 
+_STEP_INSERT = insert(TrainStep).returning(TrainStep.id)
+_EXAMPLE_INSERT = insert(StepExample)
+
+
 class SavedScenario(NamedTuple):
     id: int
     duplicate_of: int | None
@@ -301,14 +305,16 @@ class Store(Database):
         missing = set(STEP_REQUIRED) - set(metrics)
         if unknown or missing:
             raise ValueError(f"step metrics: unknown {sorted(unknown)}, missing {sorted(missing)}")
+        # Once per optimizer step, so Core on the session's connection with statements built
+        # once (the ORM unit of work and per-call statement building were ~80% of its cost; see
+        # benchmarks/store_step.py). Still one transaction: the step and its examples, or neither.
         with self.session() as s:
-            row = TrainStep(run_id=run_id, cycle_id=cycle_id, step=step, **metrics)
-            s.add(row)
-            s.flush()
+            conn = s.connection()
+            step_id = conn.execute(_STEP_INSERT, {"run_id": run_id, "cycle_id": cycle_id, "step": step,
+                                                  **metrics}).scalar_one()
             if scenario_ids:
-                s.execute(insert(StepExample),
-                          [{"step_id": row.id, "scenario_id": sid} for sid in scenario_ids])
-            return row.id
+                conn.execute(_EXAMPLE_INSERT, [{"step_id": step_id, "scenario_id": sid} for sid in scenario_ids])
+            return step_id
 
     def supersede_after(self, run_id: int, step: int) -> Superseded:
         """Take everything after optimizer step `step` out of the run's lineage (resume or

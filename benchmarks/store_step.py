@@ -1,0 +1,135 @@
+"""Per-step store cost: Store.add_train_step against a plain driver insert of the same rows.
+
+    .venv/bin/python benchmarks/store_step.py                 # SQLite
+    .venv/bin/python benchmarks/store_step.py --pg URL        # and PostgreSQL (an empty database is made)
+
+Each optimizer step writes one train_steps row and one step_examples row per example of its
+batch, in one transaction (nothing of a step is lost on a crash). The baseline does exactly that
+with the bare driver (sqlite3 / psycopg), same file or server, same rows, same one transaction
+per step. Measured interleaved (A, B, A, B, ...) in one process, one thread, so a busy box slows
+both alike; printed: median microseconds per step and the ratio (median [min, max] over rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from dreamd.dream.scenario import Scenario, ScenarioKind
+from dreamd.store import Store
+
+BATCH = 4
+ROUNDS = 7
+STEPS_PER_ROUND = 100
+METRICS = {"lr": 1e-5, "tokens": 512, "n_behavioral": 3, "n_general": 1, "wall_ms": 250.0,
+           "tokens_per_s": 2048.0, "loss": 1.25, "grad_norm": 0.5, "pad_fraction": 0.1,
+           "peak_mem_bytes": 1 << 20, "update_landed": 1.0, "skipped": False}
+
+
+def setup(url: str) -> tuple[Store, int, int, list[int]]:
+    store = Store.open(url)
+    store.upgrade()
+    run_id = store.start_run("bench", {}, "model", 0)
+    cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, BATCH)
+    ids = [store.add_scenario(run_id, cycle_id, Scenario(ScenarioKind.ACCEPT, "template",
+                                                          [{"role": "user", "content": f"q{i}"}], f"a{i}"),
+                              "accepted").id for i in range(BATCH)]
+    return store, run_id, cycle_id, ids
+
+
+def plain_sqlite(path: Path):
+    import sqlite3
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    cols = ["run_id", "cycle_id", "step", "status", *METRICS]
+    sql = f"INSERT INTO train_steps ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) RETURNING id"
+
+    def write(run_id: int, cycle_id: int, step: int, ids: list[int]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(sql, [run_id, cycle_id, step, "superseded", *METRICS.values()]).fetchone()
+        conn.executemany("INSERT INTO step_examples (step_id, scenario_id) VALUES (?, ?)", [(row[0], i) for i in ids])
+        conn.execute("COMMIT")
+    return write
+
+
+def plain_pg(url: str):
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    conn = psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, password=u.password,
+                           dbname=u.database, autocommit=False)
+    cols = ["run_id", "cycle_id", "step", "status", *METRICS]
+    sql = f"INSERT INTO train_steps ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) RETURNING id"
+
+    def write(run_id: int, cycle_id: int, step: int, ids: list[int]) -> None:
+        with conn.cursor() as cur:
+            cur.execute(sql, [run_id, cycle_id, step, "superseded", *METRICS.values()])
+            step_id = cur.fetchone()[0]
+            cur.executemany("INSERT INTO step_examples (step_id, scenario_id) VALUES (%s, %s)",
+                            [(step_id, i) for i in ids])
+        conn.commit()
+    return write
+
+
+def measure(name: str, url: str, plain) -> None:
+    store, run_id, cycle_id, ids = setup(url)
+    step = 0
+    ours, base, ratios = [], [], []
+    for _ in range(ROUNDS):
+        t0 = time.perf_counter()
+        for _ in range(STEPS_PER_ROUND):
+            store.add_train_step(run_id, cycle_id, step, METRICS, ids)
+            step += 1
+        a = (time.perf_counter() - t0) / STEPS_PER_ROUND
+        t0 = time.perf_counter()
+        for _ in range(STEPS_PER_ROUND):
+            plain(run_id, cycle_id, step, ids)
+            step += 1
+        b = (time.perf_counter() - t0) / STEPS_PER_ROUND
+        ours.append(a), base.append(b), ratios.append(a / b)
+    print(f"| {name} | {statistics.median(ours) * 1e6:.0f} | {statistics.median(base) * 1e6:.0f} | "
+          f"{statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}] |")
+    store.close()
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pg", help="admin URL of a PostgreSQL server (a database is created and dropped)")
+    args = parser.parse_args()
+    print(f"{STEPS_PER_ROUND} steps x {ROUNDS} rounds, batch {BATCH}, 1 thread\n")
+    print("| store | add_train_step us/step | plain driver us/step | ratio median [min, max] |")
+    print("|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.sqlite"
+        measure("SQLite (WAL)", f"sqlite:///{path}", plain_sqlite(path))
+    if args.pg:
+        import uuid
+
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.engine import make_url
+
+        name = f"dreamd_bench_{uuid.uuid4().hex[:8]}"
+        admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            url = make_url(args.pg).set(database=name).render_as_string(hide_password=False)
+            measure("PostgreSQL", url, plain_pg(url))
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+
+if __name__ == "__main__":
+    main()
