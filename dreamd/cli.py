@@ -49,9 +49,12 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dreamd.daemon import run_daemon
+    from dreamd.config_file import check_model_dir
 
     cfg = _config(args)
+    check_model_dir(cfg.model.path)  # before torch loads: a wrong path is said in ~1 s, not 20
+    from dreamd.daemon import run_daemon
+
     if getattr(args, "cycles", None) is not None:
         if args.cycles < 0:
             raise UsageError(f"--cycles {args.cycles}: pass 0 (forever) or a positive number")

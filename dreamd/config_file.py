@@ -188,3 +188,17 @@ def toml_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(str(v))
+
+
+def check_model_dir(path: Path) -> None:
+    """model.path is a directory with a config.json, or one UsageError line. Cheap (no torch):
+    `dreamd run` checks it before loading anything, so a wrong path is said at once."""
+    if not path.exists():
+        raise UsageError(f"model directory {path} does not exist; set model.path to a local "
+                         "transformers model directory (dreamd never downloads models)")
+    if not path.is_dir():
+        raise UsageError(f"model.path {path} is a file, not a directory; point model.path at the "
+                         "directory holding config.json")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"model directory {path} has no config.json; point model.path at a "
+                         "directory written by save_pretrained()")

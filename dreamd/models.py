@@ -35,6 +35,7 @@ from transformers import (  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # noqa: E402
 
 from dreamd.config import ModelConfig  # noqa: E402
+from dreamd.config_file import check_model_dir  # noqa: E402
 from dreamd.errors import UsageError  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,15 +87,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _load_config(path: Path) -> PretrainedConfig:
-    if not path.exists():
-        raise UsageError(f"model directory {path} does not exist; set model.path to a local "
-                         "transformers model directory (dreamd never downloads models)")
-    if not path.is_dir():
-        raise UsageError(f"model.path {path} is a file, not a directory; point model.path at the "
-                         "directory holding config.json")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"model directory {path} has no config.json; point model.path at a "
-                         "directory written by save_pretrained()")
+    check_model_dir(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:

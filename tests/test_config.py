@@ -237,3 +237,12 @@ def test_a_closed_pipe_is_not_a_traceback(capsys):
     with io.TextIOWrapper(io.FileIO(write_end, "w"), write_through=True) as out, redirect_stdout(out):
         assert main(["config", "--explain"]) == 141
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_missing_model_dir_is_said_before_torch_loads(tmp_path):
+    """It took ~20 s (torch, transformers, vLLM imports) to learn that model.path is wrong."""
+    code = ("import sys; from dreamd.cli import main; rc = main(['run', '--now']); "
+            "print(rc, 'torch' in sys.modules)")
+    done = _dreamd(shell=f"{sys.executable} -c \"{code}\"", cwd=tmp_path)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert "model directory" in done.stderr and "does not exist" in done.stderr
