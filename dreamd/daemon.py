@@ -54,6 +54,7 @@ class Daemon:
         self.step: int | None = None
         self.block_reason = ""
         self._said_waiting: tuple[str, Any] | None = None
+        self._resumed_batches: int | None = None
         self.next_cycle_at: datetime | None = None
         # Waits (paused, between scheduled cycles) wake at least 4 times per WatchdogSec to ping.
         watchdog = self.notifier.watchdog_s
@@ -104,7 +105,8 @@ class Daemon:
             from dreamd.train.mix import batch_sizes
 
             steps = len(batch_sizes(self.state.settings.examples_per_cycle, self.cfg.train.batch_size))
-            self.progress.start(self.state.cycle + 1, steps)
+            left = self._resumed_batches  # a stopped cycle taken up again: its bar starts where it stopped
+            self.progress.start(self.state.cycle + 1, steps, done=max(0, steps - left) if left is not None else 0)
         elif name == "evaluate":
             self.progress.close()
         self.publish(name)
@@ -213,6 +215,7 @@ class Daemon:
             self.block_reason, self.next_cycle_at = "", None
             if run.claim is not None:
                 run.claim.check()  # still the run's one writer (a PostgreSQL restart drops the lock)
+            self._resumed_batches = len(self.state.pending["batches"]) if self.state.pending else None
             try:
                 result = run_cycle(run, self.state)
             except StopRequested:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import structlog
 
@@ -40,6 +41,9 @@ def setup_logging(level: str = "info") -> None:
         logger_factory=lambda *args: StderrLogger(),
         cache_logger_on_first_use=False,
     )
+    # transformers' deprecation notices about cache formats (past_key_values as tuples: dreamd's
+    # frozen-context path passes them on purpose) would land inside the progress bar every step.
+    warnings.filterwarnings("ignore", message=r"(?s).*past_key_values", category=FutureWarning)
     # transformers / bitsandbytes chatter (missing optional kernels) is not ours to show each run.
     for noisy in ("transformers", "bitsandbytes", "alembic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -62,13 +66,14 @@ class StepProgress:
     def __init__(self) -> None:
         self.bar = None
 
-    def start(self, cycle: int, total: int) -> None:
+    def start(self, cycle: int, total: int, done: int = 0) -> None:
+        """A bar of `total` steps, `done` of them already trained (a resumed cycle)."""
         if not interactive():
             return
         from tqdm import tqdm
 
         self.close()
-        self.bar = tqdm(total=total, desc=f"cycle {cycle}", unit="step", leave=True, file=sys.stderr)
+        self.bar = tqdm(total=total, initial=done, desc=f"cycle {cycle}", unit="step", leave=True, file=sys.stderr)
 
     def step(self, loss: float | None) -> None:
         if self.bar is not None:
