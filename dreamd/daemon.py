@@ -55,6 +55,8 @@ class Daemon:
         self.block_reason = ""
         self._said_waiting: tuple[str, Any] | None = None
         self._resumed_batches: int | None = None
+        self._train_steps: list[int] | None = None
+        """[steps trained, steps planned] of the cycle in its train phase (STATUS= shows them)."""
         self.next_cycle_at: datetime | None = None
         # Waits (paused, between scheduled cycles) wake at least 4 times per WatchdogSec to ping.
         watchdog = self.notifier.watchdog_s
@@ -95,8 +97,14 @@ class Daemon:
         self.publish()
 
     def _on_step(self, res: Any) -> None:
+        from dreamd.service.notify import status_line
+
         self.step = res.step
         self.progress.step(None if res.skipped else res.loss)
+        if self._train_steps is not None:  # STATUS=cycle 12: train step 40/96 (one datagram)
+            self._train_steps[0] += 1
+            done, total = self._train_steps
+            self.notifier.status(status_line("train", self.state.cycle + 1, f"step {done}/{total}"))
         self.notifier.progress()
         self.control.step_boundary(heartbeat=self.heartbeat, heartbeat_every=self.pause_tick_s)
 
@@ -106,9 +114,13 @@ class Daemon:
 
             steps = len(batch_sizes(self.state.settings.examples_per_cycle, self.cfg.train.batch_size))
             left = self._resumed_batches  # a stopped cycle taken up again: its bar starts where it stopped
-            self.progress.start(self.state.cycle + 1, steps, done=max(0, steps - left) if left is not None else 0)
-        elif name == "evaluate":
-            self.progress.close()
+            done = max(0, steps - left) if left is not None else 0
+            self.progress.start(self.state.cycle + 1, steps, done=done)
+            self._train_steps = [done, steps]
+        else:
+            self._train_steps = None
+            if name == "evaluate":
+                self.progress.close()
         self.publish(name)
 
     # ---- the loop ------------------------------------------------------------------------

@@ -95,6 +95,8 @@ def test_pause_resume_stop_through_the_cli_with_sd_notify(setup_dir, tmp_path, d
     assert notify.has("STOPPING", "1")
     phases = {v.split(": ", 1)[-1].split()[0] for v in notify.values("STATUS")}
     assert {"ready", "dream", "train", "evaluate", "checkpoint", "paused", "stopped"} <= phases
+    counted = [v for v in notify.values("STATUS") if re.fullmatch(r"cycle \d+: train step \d+/\d+", v)]
+    assert counted, notify.values("STATUS")  # the promised step counter, once per optimizer step
     assert len(notify.values("WATCHDOG")) > len(pings)      # also pinged while training
     assert store_rows(url, "SELECT status FROM runs")[0]["status"] == "stopped"
     assert "SIGTERM" in events(url, "stop")[-1]["detail"]
