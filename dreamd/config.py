@@ -59,8 +59,10 @@ class Section(BaseModel):
 
 class RunConfig(Section):
     name: str = "dreamd"
-    """Name of the run, stored in runs.name. A new run row is made when no unfinished run of this
-    name exists in the store; otherwise the daemon resumes it."""
+    """Name of the run, stored in runs.name. The newest run of this name that is 'running',
+    'stopped' or 'finished' is taken up again (a finished run continues with the same weights);
+    a new run row is made only when there is none, or the newest is 'failed'. Use a new name to
+    start afresh."""
     seed: int = 0
     """Seed for every random choice (dreamer, data order, init, sampling). Same seed, same run."""
     state_dir: Path = Path("state")
