@@ -540,3 +540,44 @@ def test_documented_queries_return_rows(store: Store) -> None:
             assert rows, f"no rows from documented query:\n{query}"
         step_40 = s.execute(text(queries[2])).all()
     assert len(step_40) == 4  # a batch of four scenarios
+
+
+def test_run_claim_survives_its_backend_being_terminated(store_url) -> None:
+    """A PostgreSQL restart or pg_terminate_backend drops the advisory lock with the session:
+    check() takes it again (retrying like every store call) and others are still refused."""
+    if not store_url.startswith("postgresql"):
+        pytest.skip("the advisory lock is PostgreSQL's; SQLite's flock cannot be dropped from outside")
+    from sqlalchemy import text as sql
+
+    from dreamd.store.claim import RunClaim
+
+    mine, other = Store.open(store_url), Store.open(store_url)
+    mine.upgrade()
+    mine.transient_retries, mine.retry_delay_s = 3, 0.05
+    claim = RunClaim(mine, "claimed")
+    claim._acquire()
+    backend = claim._conn.execute(sql("SELECT pg_backend_pid()")).scalar()
+    with other.engine.connect() as conn:
+        conn.execute(sql("SELECT pg_terminate_backend(:p)"), {"p": backend})
+        conn.commit()
+    from sqlalchemy.exc import OperationalError
+
+    real, failures = RunClaim._acquire, []
+
+    def flaky(self):  # the killer strikes again while the lock is being taken back
+        if not failures:
+            failures.append(1)
+            raise OperationalError("SELECT pg_try_advisory_lock", {}, Exception("server closed the connection"))
+        return real(self)
+
+    RunClaim._acquire = flaky
+    try:
+        claim.check()  # the lock was gone with the session; taken again, after one retry
+    finally:
+        RunClaim._acquire = real
+    assert failures == [1]
+    with pytest.raises(UsageError, match="is being trained by another dreamd"):
+        RunClaim(other, "claimed")._acquire()
+    claim.release()
+    RunClaim(other, "claimed")._acquire()  # released: free for the next one
+    mine.close(), other.close()

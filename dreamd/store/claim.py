@@ -23,12 +23,14 @@ import fcntl
 import hashlib
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
 from dreamd.errors import UsageError
+from dreamd.store.db import TRANSIENT_ERRORS, is_transient
 
 LOCK_SQL = text("SELECT pg_try_advisory_lock(hashtext('dreamd run'), hashtext(:name))")
 HOLDER_SQL = text(
@@ -68,9 +70,15 @@ class RunClaim:
     def _acquire(self) -> None:
         if self.store.dialect == "postgresql":
             conn = self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            conn.execute(text("SELECT set_config('application_name', :me, false)"), {"me": self.me})
-            if not conn.execute(LOCK_SQL, {"name": self.name}).scalar():
-                holder = conn.execute(HOLDER_SQL, {"name": self.name}).first()
+            try:
+                conn.execute(text("SELECT set_config('application_name', :me, false)"), {"me": self.me})
+                got = conn.execute(LOCK_SQL, {"name": self.name}).scalar()
+                holder = None if got else conn.execute(HOLDER_SQL, {"name": self.name}).first()
+            except BaseException:
+                conn.invalidate()  # a session that may hold the lock must not go back to the pool
+                conn.close()
+                raise
+            if not got:
                 conn.close()
                 raise self._refused(f"{holder[0]}, server pid {holder[2]}" if holder else None)
             self._conn = conn
@@ -95,20 +103,34 @@ class RunClaim:
         return Path(f"{db}.run-{digest}.lock")
 
     def check(self) -> None:
-        """Still ours? A PostgreSQL connection lost with a server restart took the lock with it:
-        take it again, or stop with one line if another daemon has it now."""
-        if self._conn is None:
+        """Still ours? A PostgreSQL connection lost with a server restart (or a terminated
+        backend) took the lock with it: take it again, or stop with one line if another daemon
+        has it now. Transient failures while doing so are retried like every store call."""
+        if self.store.dialect != "postgresql":
             return
-        try:
-            self._conn.execute(text("SELECT 1"))
-            return
-        except Exception:  # noqa: BLE001 - the connection is gone; so is the lock
+        attempt = 0
+        while True:
             try:
-                self._conn.invalidate()
-                self._conn.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._conn = None
+                self._check_once()
+                return
+            except TRANSIENT_ERRORS as exc:
+                if attempt >= self.store.transient_retries or not is_transient(exc):
+                    raise
+                time.sleep(self.store.retry_delay_s * 2**attempt)
+                attempt += 1
+
+    def _check_once(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute(text("SELECT 1"))
+                return
+            except Exception:  # noqa: BLE001 - the connection is gone; so is the lock
+                try:
+                    self._conn.invalidate()
+                    self._conn.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                self._conn = None
         self._acquire()
 
     def release(self) -> None:
