@@ -23,7 +23,7 @@ from typing import Any
 
 from dreamd.config import Config
 from dreamd.cycle import StopRequested, run_cycle
-from dreamd.errors import CheckpointFailed, ControllerHalt, CycleFailed, UsageError
+from dreamd.errors import CheckpointFailed, ControllerHalt, CycleFailed
 from dreamd.log import StepProgress, get_logger
 from dreamd.run import Run, RunHooks, RunState, open_run
 from dreamd.status import write_status
@@ -183,14 +183,9 @@ class Daemon:
             log.warning("daemon.crash_not_recorded", error=str(also)[:200])
 
     def _open_run(self, hooks: RunHooks) -> tuple[Run, RunState]:
-        """open_run, with a store that fails at start (locked past busy_timeout, connection
-        lost) told in one line; once running, store calls retry with backoff instead."""
-        from dreamd.store.db import TRANSIENT_ERRORS, store_failure
-
-        try:
-            run, state = open_run(self.cfg, hooks)
-        except TRANSIENT_ERRORS as exc:
-            raise store_failure(exc, self.cfg.store_url, self.cfg.store.busy_timeout_ms, "while starting") from None
+        """open_run, then store calls retry with backoff (at start a failing store is said at
+        once, in one line, by run()'s handler)."""
+        run, state = open_run(self.cfg, hooks)
         run.store.transient_retries = self.cfg.store.connect_retries
         return run, state
 

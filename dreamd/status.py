@@ -29,13 +29,7 @@ HISTORY_COLUMNS = [
 def _open_store(cfg: Config):
     from dreamd.store.record import Store
 
-    from dreamd.errors import UsageError
-
-    store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms, create=False)
-    if store.current_revision() is None:
-        raise UsageError(f"store {store.url} has no dreamd schema yet; run `dreamd db upgrade` "
-                         "or `dreamd run`, or check store.url / run.state_dir")
-    return store
+    return Store.open_existing(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)
 
 
 def _fmt(fmt: str, value: Any) -> str:

@@ -56,13 +56,7 @@ class RunData:
 def _open(cfg: Config) -> Any:
     from dreamd.store.record import Store
 
-    if not cfg.store.url and not (cfg.run.state_dir / "dreamd.sqlite").is_file():
-        raise UsageError(f"no store at {cfg.run.state_dir / 'dreamd.sqlite'}; run `dreamd run` first or "
-                         "point --config at the run's config (run.state_dir / store.url)")
-    store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)
-    if store.current_revision() is None:
-        raise UsageError(f"store {store.url} has no dreamd schema yet; run `dreamd run` first")
-    return store
+    return Store.open_existing(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)
 
 
 def load_run(store: Any, name: str, run_id: int | None = None) -> RunData:

@@ -243,6 +243,18 @@ class Database:
                 time.sleep(retry_delay_s * 2**attempt)
         raise AssertionError("unreachable")
 
+    @classmethod
+    def open_existing(cls, url: str, busy_timeout_ms: int = 10_000) -> Self:
+        """A store that a run already made, for the commands that only read or mark it (status,
+        history, pause, report): never created here, one UsageError line when it is missing or
+        has no dreamd schema."""
+        store = cls.open(url, busy_timeout_ms=busy_timeout_ms, create=False)
+        if store.current_revision() is None:
+            store.close()
+            raise UsageError(f"store {store.url} has no dreamd schema yet; run `dreamd db upgrade` "
+                             "or `dreamd run`, or check store.url / run.state_dir")
+        return store
+
     @property
     def dialect(self) -> str:
         """'sqlite' or 'postgresql'."""
