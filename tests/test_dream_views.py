@@ -45,3 +45,32 @@ def test_per_kind_acceptance_and_rejections_by_rule(store_url: str) -> None:
         ("self", "model", "check", 1, "check: 30 layers, not 12"),
     ]
     store.close()
+
+
+def test_rejections_and_examples_for_the_report(store_url: str) -> None:
+    """Store.rejections sums dream_rejections over a run's attempts; scenario_examples picks the
+    newest of a status by kind and by rule (the reason before its first colon), probes never."""
+    store = Store.open(store_url)
+    store.upgrade()
+    run_id = store.start_run("r", "{}", "/m", 0)
+    other = store.start_run("o", "{}", "/m", 0)
+    store.add_probe_set(run_id, [_scenario(99, "accept", "template")])
+    rows = [(1, "accept", "model", "parse: no tag"), (1, "accept", "template", None), (2, "accept", "model", "parse: empty"),
+            (2, "pushback", "template", "honesty: claims a feeling"), (2, "accept", "template", None),
+            (2, "general", "procedural", None)]
+    cycles = {n: store.start_cycle(run_id, n, 1e-5, 0.25, 4) for n in (1, 2)}
+    for i, (number, kind, source, reason) in enumerate(rows):
+        store.add_scenario(run_id, cycles[number], _scenario(i, kind, source),
+                           "accepted" if reason is None else "rejected", reason)
+    store.add_scenario(other, store.start_cycle(other, 1, 1e-5, 0.25, 4), _scenario(50, "accept", "model"),
+                       "rejected", "parse: other run")
+    assert [(r["rule"], r["kind"], r["source"], r["n"], r["example"]) for r in store.rejections(run_id)] == [
+        ("parse", "accept", "model", 2, "parse: empty"), ("honesty", "pushback", "template", 1, "honesty: claims a feeling")]
+    accepted = store.scenario_examples(run_id, "accepted", kind="accept", limit=5)
+    assert [(e["cycle"], e["target"]) for e in accepted] == [(2, "Done: x4 -> count4."), (1, "Done: x1 -> count1.")]
+    assert accepted[0]["messages"][-1]["role"] == "user" and accepted[0]["meta"] == {"i": 4}
+    parse = store.scenario_examples(run_id, "rejected", rule="parse", limit=1)
+    assert [(e["reject_reason"], e["source"]) for e in parse] == [("parse: empty", "model")]
+    assert store.scenario_examples(run_id, "rejected", rule="pars") == []
+    assert {e["kind"] for e in store.scenario_examples(run_id, "accepted", limit=9)} == {"accept", "general"}
+    store.close()

@@ -496,6 +496,33 @@ class Store(Database):
             rows = s.execute(query, {"run_id": run_id, "metric": metric}).mappings()
             return [dict(r) for r in rows]
 
+    def rejections(self, run_id: int) -> list[dict[str, Any]]:
+        """The dream_rejections view summed over a run's cycle attempts: rule, kind, source, n and
+        one full reason as example; the most frequent first."""
+        query = text("SELECT rule, kind, source, SUM(n) AS n, MIN(example) AS example FROM dream_rejections "
+                     "WHERE run_id = :run_id GROUP BY rule, kind, source ORDER BY SUM(n) DESC, rule, kind, source")
+        with self.read() as s:
+            return [dict(r) for r in s.execute(query, {"run_id": run_id}).mappings()]
+
+    def scenario_examples(self, run_id: int, status: str, *, kind: str | None = None,
+                          rule: str | None = None, limit: int = 2) -> list[dict[str, Any]]:
+        """The newest `limit` scenarios of a run with `status` ('accepted', 'rejected'), of one
+        kind and/or one rejection rule (the reason's text before its first colon), with their
+        cycle's number: id, cycle, kind, source, status, reject_reason, messages, target, meta."""
+        _check(status, SCENARIO_STATUSES, "scenario status")
+        query = (select(ScenarioRow, Cycle.number).outerjoin(Cycle, Cycle.id == ScenarioRow.cycle_id)
+                 .where(ScenarioRow.run_id == run_id, ScenarioRow.status == status)
+                 .order_by(ScenarioRow.id.desc()).limit(limit))
+        if kind is not None:
+            query = query.where(ScenarioRow.kind == kind)
+        if rule is not None:
+            query = query.where(ScenarioRow.reject_reason.like(f"{rule}:%"))
+        with self.read() as s:
+            return [{"id": r.id, "cycle": number, "kind": r.kind, "source": r.source, "status": r.status,
+                     "reject_reason": r.reject_reason, "messages": r.messages_json, "target": r.target,
+                     "meta": r.meta_json}
+                    for r, number in s.execute(query)]
+
     # ---- near duplicates (dreamd/dream/neardup.py) -------------------------------------------
     def add_minhashes(self, scheme: str, rows: Sequence[tuple[int, bytes, Sequence[int]]]) -> None:
         """Index accepted scenarios for the near-duplicate check, in one transaction: per row
