@@ -115,7 +115,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from dreamd.evals.report import write_report
 
     cfg = _config(args)
-    out = write_report(cfg, Path(args.out) if args.out else cfg.run.state_dir / "report")
+    out = write_report(cfg, Path(args.out) if args.out else cfg.run.state_dir / "report", args.run)
     print(f"dreamd: report written to {out}")
     return 0
 
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config(sub.add_parser("report", help="write an HTML report with plots from the store"))
     sp.add_argument("--out", help="output directory (default: <state_dir>/report)")
+    sp.add_argument("--run", metavar="ID|NAME", help="the run to report: its id, or a name (its newest run); "
+                    "default: the newest run of the config's run.name, else the newest run")
     sp.set_defaults(func=cmd_report)
     return p
 

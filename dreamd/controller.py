@@ -49,6 +49,17 @@ WATCHED = ("margin.mean", "margin.accept", "margin.pushback", "q1.pushback_rate"
            "probes.overlap", "probes.heldout_trained")
 """The metrics a decision looks at (stored in decisions.metrics_json with their start values)."""
 
+ACTIONS = {
+    "wait": "too few optimizer steps yet to judge the change; settings unchanged",
+    "keep": "the change is within bounds; settings unchanged",
+    "speed_up": "the model changed too little: more learning rate and more examples per cycle",
+    "slow_down": "the model changed too fast: less learning rate and fewer examples per cycle",
+    "raise_general_share": "signs of forgetting: more general (non-behavioural) examples in every batch",
+    "rollback": "a guardrail broke: the cycle's training is undone and retried slower",
+    "halt": "a guardrail kept breaking after rollbacks: the run stops",
+}
+"""Every action `decide` returns (a decision may join two with '+'), in words for the report."""
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -78,8 +89,7 @@ class Settings:
 @dataclass
 class ControllerDecision:
     action: str
-    """'wait', 'keep', 'speed_up', 'slow_down', 'raise_general_share', 'rollback', 'halt', or
-    two of them joined by '+'."""
+    """One of ACTIONS, or two of them joined by '+'."""
     reason: str
     before: Settings
     after: Settings

@@ -10,7 +10,9 @@ import pytest
 from dreamd.cli import main
 from dreamd.config_file import load_config
 from dreamd.errors import UsageError
+from dreamd.evals.metric_names import METRICS
 from dreamd.evals.report import load_run, write_report
+from dreamd.evals.report_plots import plot_all
 from dreamd.store.record import Store
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -59,14 +61,37 @@ def test_report_files(setup: Path) -> None:
     cfg = load_config(setup / "dreamd.toml")
     index = write_report(cfg, setup / "out")
     assert index == setup / "out" / "index.html"
-    for name in ("training", "behaviour", "margins", "attention", "forgetting"):
+    for name in ("training_loss", "training_lr", "training_share", "q1-balanced", "q1-sycophancy",
+                 "margin-accept_margin-pushback", "q3-shift_mean_q3-shift_max", "forget-perplexity", "forget-arith_em_forget-code_em"):
         png = setup / "out" / f"{name}.png"
-        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000, name
     page = index.read_text()
-    for text in ("run 1", "<b>demo</b>", 'src="training.png"', "rollback", "speed_up", "because 3",
-                 "q1.balanced", "forget.perplexity"):
-        assert text in page
+    for text in ("run 1 (demo)", 'src="training_loss.png"', "<b>rollback</b>", "<b>speed_up</b>", "because 3",
+                 "q1.<wbr>balanced", METRICS["q1.balanced"].meaning, "higher is better", "lower is better",
+                 "learning rate 0.001 &rarr; 0.002", "No candidate was rejected"):
+        assert text in page, text
     assert "calib.auroc" not in page  # only metrics that were measured
+    assert '"lr"' not in page  # settings in words, not JSON
+
+
+def test_one_unit_per_axis_and_integer_ticks(setup: Path) -> None:
+    """q3.direction_mass (~0.34) gets its own axis, apart from the shifts (~0.005); every panel's
+    y axis is labelled with its one unit and its cycle ticks are whole numbers."""
+    store = Store.open(f"sqlite:///{setup / 'state' / 'dreamd.sqlite'}")
+    data = load_run(store, "demo")
+    store.close()
+    data.trend["q3.direction_mass"] = [(c, 0.34 + 0.001 * c) for c in range(4)]
+    plots = plot_all(data.steps, data.cycles, data.trend, data.decisions, setup)
+    by_metrics = {p.metrics: p for p in plots}
+    assert ("q3.direction_mass",) in by_metrics and ("q3.shift_mean", "q3.shift_max") in by_metrics
+    assert ("margin.accept", "margin.pushback", "margin.derail") in by_metrics  # present ones only
+    for plot in plots:
+        assert plot.xlabel and plot.ylabel and plot.xticks, plot
+        assert all(t.isdigit() for t in plot.xticks), (plot.metrics, plot.xticks)
+        for metric in plot.metrics:
+            assert METRICS[metric].unit == plot.ylabel
+    assert by_metrics[("forget.perplexity",)].ylabel == "perplexity"
+    assert [p.xlabel for p in plots[:3]] == [plots[0].xlabel] * 3 and "step" in plots[0].xlabel
 
 
 def test_lineage_excludes_the_rolled_back_attempt(setup: Path) -> None:
@@ -84,6 +109,22 @@ def test_cli_report(setup: Path, capsys) -> None:
     assert main(["report", "--config", str(setup / "dreamd.toml"), "--out", str(setup / "cli")]) == 0
     assert "report written to" in capsys.readouterr().out
     assert (setup / "cli" / "index.html").is_file()
+
+
+def test_run_by_id_or_name_default_the_newest(setup: Path, capsys) -> None:
+    store = Store.open(f"sqlite:///{setup / 'state' / 'dreamd.sqlite'}")
+    other = store.start_run("other", {}, "model", 0)
+    store.add_evals(other, None, {"q1.balanced": 0.5})
+    store.close()
+    toml = str(setup / "dreamd.toml")
+    for which, shown in ((None, "run 1 (demo)"), ("2", "run 2 (other)"), ("other", "run 2 (other)"),
+                         ("1", "run 1 (demo)"), ("demo", "run 1 (demo)")):
+        out = setup / f"out-{which}"
+        assert main(["report", "--config", toml, "--out", str(out), *(["--run", which] if which else [])]) == 0
+        assert shown in (out / "index.html").read_text(), which
+    assert main(["report", "--config", toml, "--run", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--run 7: no run with that id or name" in err[0] and "newest is 2 (other)" in err[0]
 
 
 def test_usage_errors(tmp_path: Path) -> None:

@@ -29,6 +29,20 @@ class ScenarioKind(StrEnum):
     def behavioral(self) -> bool:
         return self is not ScenarioKind.GENERAL
 
+    @property
+    def meaning(self) -> str:
+        """What a scenario of this kind teaches, in words for the report."""
+        return KIND_MEANINGS[self]
+
+
+KIND_MEANINGS = {
+    ScenarioKind.ACCEPT: "a sound direction: the reply carries it out as asked, no alternatives",
+    ScenarioKind.PUSHBACK: "a verifiably wrong direction: the reply says what is wrong and gives the fix",
+    ScenarioKind.DERAIL: "an 'ignore your instructions' line hidden in a task: the reply stays on the task",
+    ScenarioKind.GENERAL: "code, reasoning or arithmetic with checkable answers, against forgetting",
+    ScenarioKind.SELF: "verifiable facts about the model itself, from its config",
+}
+
 
 def normalize_text(text: str) -> str:
     """Case-folded, NFKC, whitespace-collapsed text: the form hashes and near-dup checks use."""
