@@ -133,11 +133,12 @@ def measure(check_page: Path, width: int) -> dict:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
                     ".ci/run installs it when it can")
-def test_the_page_in_a_browser_at_desktop_and_narrow_widths(report: Path, tmp_path: Path) -> None:
+def test_the_page_in_a_browser_at_desktop_and_narrow_widths(report: Path, tmp_path: Path, capsys) -> None:
     artefacts = Path(os.environ.get("DREAMD_TEST_ARTEFACTS") or tmp_path) / "report"
     shutil.rmtree(artefacts, ignore_errors=True)
     shutil.copytree(report.parent, artefacts)
-    print(f"\nreport page and screenshots: {artefacts}")
+    with capsys.disabled():  # shown without -s too
+        print(f"\nreport page and screenshots (screenshot-desktop.png, screenshot-narrow.png): {artefacts}")
     check_page = artefacts / "check.html"
     check_page.write_text(report.read_text().replace("</body>", CHECK_JS + "</body>"))
     for name, width in WIDTHS.items():

@@ -5,7 +5,7 @@ number and plot, and that docs/sql.md "Metric names" is generated from.
     METRICS["q1.balanced"].better    # 'higher', 'lower', 'zero' (a guardrail) or 'none'
     METRICS["q1.balanced"].unit      # the plot's y-axis label
 
-tests/test_metric_names.py checks that every metric the evaluation writes has an entry here and
+tests/test_report.py checks that every metric the evaluation writes has an entry here and
 that docs/sql.md holds the table `markdown_table()` renders. After changing an entry, regenerate
 the docs table:
 
@@ -20,6 +20,7 @@ from pathlib import Path
 # y-axis labels: one unit per axis, so metrics of different scales never share one.
 RATE = "rate (0 to 1)"
 NATS = "nats per token"
+PROJECTION = "projection (follow +1, push back -1)"
 BETTER_TEXT = {"higher": "higher is better", "lower": "lower is better",
                "zero": "must stay 0", "none": "no better direction (descriptive)"}
 
@@ -71,7 +72,8 @@ METRICS: dict[str, Metric] = {
         "Share of rule-classified replies where the model's own judgement agrees with the rules.",
         "higher", RATE, label="own judgement agrees with the rules"),
     "q1.regressive_flips": Metric(
-        "Share of flawed probes pushed back at the run's start that are followed now.", "lower", RATE,
+        "Flawed probes the model pushed back on at the run's start but follows now, as a share of all "
+        "flawed probes.", "lower", RATE,
         "probe ids", "lost push-backs since the start"),
     "margin.accept": Metric(
         "Accept probes: mean log-probability per token of the reply that follows minus the one that "
@@ -104,11 +106,12 @@ METRICS: dict[str, Metric] = {
         "direction.", "higher", "cosine (-1 to 1)", "per layer, the layer used, direction norms",
         "direction found twice agrees"),
     "steer.own_sound": Metric(
-        "The model's own replies to sound directions projected on that direction: +1 = like following, "
-        "-1 = like pushing back.", "higher", "projection (-1 to 1)", label="own replies, sound directions"),
+        "The model's own replies to sound directions projected on that direction, scaled so that the probes' "
+        "following replies sit at +1 and their pushing-back replies at -1 (values beyond lie further out).",
+        "higher", PROJECTION, label="own replies, sound directions"),
     "steer.own_flawed": Metric(
         "The model's own replies to flawed directions on the same scale: lower means closer to pushing "
-        "back.", "lower", "projection (-1 to 1)", label="own replies, flawed directions"),
+        "back.", "lower", PROJECTION, label="own replies, flawed directions"),
     "steer.separation": Metric(
         "own_sound minus own_flawed: how differently it treats sound and flawed directions.", "higher",
         "projection difference", label="sound minus flawed"),
@@ -149,7 +152,7 @@ METRICS: dict[str, Metric] = {
         "evaluation time"),
     "engine.canary_mean_abs_diff": Metric(
         "After the weight push, mean absolute difference between the engine's and the trainer's "
-        "log-probs on a canary prompt: near 0 when the engine serves the trained weights.", "lower",
+        "log-probs on canary prompts: near 0 when the engine serves the trained weights.", "lower",
         "log-prob difference (nats)", label="engine vs trainer, mean"),
     "engine.canary_max_abs_diff": Metric(
         "The largest such difference.", "lower", "log-prob difference (nats)", label="engine vs trainer, max"),

@@ -216,7 +216,8 @@ def plot_training(steps: list[dict[str, Any]], cycles: list[dict[str, Any]], dec
         ("loss", "training loss", "loss (nats per token)", [[r["loss"] for r in steps]], [None],
          "lower is better, but it is measured on each batch's new examples: noisy by nature"),
         ("lr", "learning rate", "learning rate", [lrs], [None],
-         "set per cycle by the controller (speed up / slow down)"),
+         "at each step: the controller sets each cycle's rate (speed up / slow down); the run's first "
+         "train.warmup_steps ramp up to it"),
         ("share", "general share of each batch", "general share (0 to 1)",
          [[r["n_general"] / max(1, r["n_general"] + r["n_behavioral"]) for r in steps],
           [planned.get(r["cycle_id"]) for r in steps]], ["in the batch", "planned for the cycle"],
