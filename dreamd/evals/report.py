@@ -330,7 +330,7 @@ def pick_run(store: Any, name: str, which: str | int | None = None) -> Any:
         newest = store.latest_run()
         hint = f"the newest is {newest.id} ({newest.name})" if newest else "it holds no runs yet"
         raise UsageError(f"--run {text}: no run with that id or name in store {store.url}; {hint}; "
-                         "pass --run ID or --run NAME (`dreamd history` shows the current run)")
+                         "pass --run with the id or name of one of its runs")
     return run
 
 
