@@ -64,7 +64,7 @@ code{font-size:.92em;background:#f3f3f3;padding:0 3px;border-radius:3px} .lead{c
 nav a{margin-right:1em;white-space:nowrap} dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px}
 dl.facts dt{font-weight:600} dl.facts dd{margin:0;overflow-wrap:anywhere}
 table{border-collapse:collapse;width:100%;font-size:13px;margin:.6em 0}
-th,td{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left;overflow-wrap:anywhere}
+th,td{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left;overflow-wrap:break-word}
 th{background:#f6f6f6;overflow-wrap:normal} td code{overflow-wrap:normal;word-break:normal} tr.sub th{background:#eef3fa}
 td.num{text-align:right;white-space:nowrap} td.nowrap{white-space:nowrap}
 .better{color:#1a7f37} .worse{color:#c62828} .muted{color:#777}
