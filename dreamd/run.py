@@ -11,6 +11,8 @@ way (`restore`): weights, optimizer, RNGs and the run state.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -251,6 +253,7 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     else:
         run_id = row.id
         store.set_run_status(run_id, "running")
+    store.set_run_process(run_id, socket.gethostname(), os.getpid())
 
     # ---- newest complete checkpoint decides where the weights come from ----------------------
     checkpoints = CheckpointDir(cfg.run.state_dir / "checkpoints" / f"run-{run_id}",

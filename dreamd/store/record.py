@@ -113,6 +113,11 @@ class Store(Database):
         with self.read() as s:
             return s.scalars(query if name is None else query.where(RunRow.name == name)).first()
 
+    def set_run_process(self, run_id: int, host: str, pid: int) -> None:
+        """The process that takes the run up now (start or resume): shown by the fleet view."""
+        with self.session() as s:
+            s.execute(update(RunRow).where(RunRow.id == run_id).values(host=host, pid=pid))
+
     def set_run_status(self, run_id: int, status: str) -> None:
         """'finished' and 'failed' stamp finished_at; 'running' (resumed) clears it."""
         _check(status, RUN_STATUSES, "run status")
@@ -486,6 +491,14 @@ class Store(Database):
                  .columns(started_at=UTCDateTime, finished_at=UTCDateTime))
         with self.read() as s:
             return [dict(r) for r in s.execute(query, {"run_id": run_id}).mappings()]
+
+    def fleet(self) -> list[dict[str, Any]]:
+        """Rows of the fleet view (docs/sql.md): one per run in the store, by run id."""
+        query = (text("SELECT * FROM fleet ORDER BY run_id")
+                 .columns(started_at=UTCDateTime, finished_at=UTCDateTime, last_cycle_started_at=UTCDateTime,
+                          last_cycle_finished_at=UTCDateTime, last_step_at=UTCDateTime))
+        with self.read() as s:
+            return [{**r, "paused": bool(r["paused"])} for r in s.execute(query).mappings()]
 
     def metric_trend(self, run_id: int, metric: str) -> list[dict[str, Any]]:
         """Rows of the metric_trend view for one metric of a run: baseline first, then cycles."""

@@ -116,7 +116,8 @@ def created_at_column() -> Mapped[datetime]:
 
 
 class RunRow(Base):
-    """One run of the daemon on one model: resumed while unfinished (status running/stopped)."""
+    """One run of the daemon on one model: resumed while unfinished (status running/stopped).
+    host and pid: the process that took the run up last (the `fleet` view shows them)."""
 
     __tablename__ = "runs"
     __table_args__ = (CheckConstraint(_in("status", RUN_STATUSES), name="status"),)
@@ -131,6 +132,8 @@ class RunRow(Base):
     paused: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
     seed: Mapped[int] = mapped_column(BigInteger)
     dreamd_version: Mapped[str | None] = mapped_column(String(32))
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None]
 
 
 class Cycle(Base):
