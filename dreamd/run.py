@@ -319,7 +319,7 @@ def open_dreaming(cfg: Config, store: Store, run_id: int, engine: Engine, model:
     from dreamd.train.examples import encode_scenario
 
     writers, near_dups = open_writers(cfg, store, run_id, engine, HELDOUT_DOMAINS)
-    screener = Screener(cfg.screen, seen=lambda h: store.hash_exists(h) is not None, model_config=model.config,
+    screener = Screener(cfg.screen, seen=lambda h: store.hash_exists(run_id, h) is not None, model_config=model.config,
                         probe=probes.screen_rule(), forgetting=forgetting_rule(cfg.eval),
                         near_dups=near_dups.problem,
                         encode=lambda s: encode_scenario(tokenizer, s, cfg.model.max_seq_len))
