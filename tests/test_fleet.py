@@ -11,7 +11,8 @@ import json
 import socket
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from dreamd.store import Store
 from tests.daemon_process import DaemonProcess, cli, sqlite_url, store_rows, write_config
@@ -173,3 +174,21 @@ def test_two_daemons_on_one_postgresql_database_at_once(setup_dir, tmp_path, dae
         assert (r["status"], r["last_cycle"], r["last_cycle_status"], r["steps"], r["pid"]) == \
             ("finished", 2, "committed", 4, procs[name].pid)
         assert r["perplexity"] is not None
+
+
+def test_per_run_hash_migration_keeps_rows_and_views(store: Store) -> None:
+    """0005 on a store with rows: SQLite recreates `scenarios` (its views dropped and made
+    again), PostgreSQL swaps the constraint in place; rows, references and views survive, and
+    the downgrade restores the store-wide rule."""
+    store.downgrade("0004")
+    a, b = two_runs(store)
+    views = set(inspect(store.engine).get_view_names())
+    store.upgrade()
+    assert set(inspect(store.engine).get_view_names()) == views
+    assert [r["steps"] for r in store.cycle_summary(a)] == [2, 1]
+    assert store.add_scenario(b, None, scenario(1), "probe").duplicate_of is None  # a's content, b's row
+    assert {r["run_id"] for r in store.fleet()} == {a, b}
+    with store.read() as s:
+        assert s.execute(text("SELECT COUNT(*) FROM step_examples")).scalar() == 3
+    with pytest.raises(IntegrityError):  # two runs now hold one hash: the old rule cannot hold
+        store.downgrade("0004")
