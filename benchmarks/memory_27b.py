@@ -8,7 +8,7 @@ The model is Gemma-2-27B's published shape (transformers Gemma2Config: 46 layers
 parameters are counted exactly on the meta device; the APOLLO state uses dreamd's own rules
 (dreamd/train/optim.py: which weights are low-rank, r = min(rank, min(m, n) // 2)) and
 apollo-torch's projector (moments of r x max(m, n), a projection of r x min(m, n), fp32).
---measure builds one and two full-width decoder layers (small vocab, bf16, ~2.3 GB of RAM, one
+--measure builds one and two full-width decoder layers (small vocab, bf16, 4.0 GB peak RSS, one
 torch thread) and counts the bytes autograd saves per token with dreamd's SavedTensorMeter: the
 difference is one layer's activations per token with gradient.
 """
