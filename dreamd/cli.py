@@ -63,8 +63,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dreamd.status import print_status
+    from dreamd.status import print_fleet, print_status
 
+    if args.all:
+        return print_fleet(_config(args), as_json=args.json)
     return print_status(_config(args), as_json=args.json)
 
 
@@ -171,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config(sub.add_parser("status", help="phase, cycle, step, paused, next cycle and why not now"))
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--all", action="store_true",
+                    help="every run in the store, one line each (the fleet view): all daemons sharing it")
     sp.set_defaults(func=cmd_status)
 
     sp = with_config(sub.add_parser("history", help="table of cycles (the cycle_summary view)"))

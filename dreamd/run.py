@@ -11,6 +11,8 @@ way (`restore`): weights, optimizer, RNGs and the run state.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -251,6 +253,7 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     else:
         run_id = row.id
         store.set_run_status(run_id, "running")
+    store.set_run_process(run_id, socket.gethostname(), os.getpid())
 
     # ---- newest complete checkpoint decides where the weights come from ----------------------
     checkpoints = CheckpointDir(cfg.run.state_dir / "checkpoints" / f"run-{run_id}",
@@ -316,7 +319,7 @@ def open_dreaming(cfg: Config, store: Store, run_id: int, engine: Engine, model:
     from dreamd.train.examples import encode_scenario
 
     writers, near_dups = open_writers(cfg, store, run_id, engine, HELDOUT_DOMAINS)
-    screener = Screener(cfg.screen, seen=lambda h: store.hash_exists(h) is not None, model_config=model.config,
+    screener = Screener(cfg.screen, seen=lambda h: store.hash_exists(run_id, h) is not None, model_config=model.config,
                         probe=probes.screen_rule(), forgetting=forgetting_rule(cfg.eval),
                         near_dups=near_dups.problem,
                         encode=lambda s: encode_scenario(tokenizer, s, cfg.model.max_seq_len))

@@ -41,12 +41,37 @@ def _fmt(fmt: str, value: Any) -> str:
         return str(value)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = [title for _, title, _ in HISTORY_COLUMNS]
-    body = [[_fmt(fmt, r.get(key)) for key, _, fmt in HISTORY_COLUMNS] for r in rows]
+FLEET_COLUMNS = [
+    ("run_id", "run", "{}"), ("name", "name", "{}"), ("status", "status", "{}"), ("host", "host", "{}"),
+    ("pid", "pid", "{}"), ("last_cycle", "cycle", "{}"), ("last_cycle_status", "cycle status", "{}"),
+    ("last_cycle_started_at", "cycle started (UTC)", "{:%Y-%m-%d %H:%M:%S}"), ("steps", "steps", "{}"),
+    ("mean_loss", "loss", "{:.4f}"), ("perplexity", "ppl", "{:.1f}"), ("balanced", "judge", "{:.2f}"),
+    ("sycophancy", "syco", "{:.2f}"), ("model_path", "model", "{}"),
+]
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]] = HISTORY_COLUMNS) -> str:
+    header = [title for _, title, _ in columns]
+    body = [[_fmt(fmt, r.get(key)) for key, _, fmt in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def print_fleet(cfg: Config, as_json: bool = False) -> int:
+    """`dreamd status --all`: every run in the store (the fleet view), whichever daemon or
+    machine runs it. host/pid name the process that took the run up last: it is running only
+    while the run's status is 'running'."""
+    store = _open_store(cfg)
+    rows = store.fleet()
+    if as_json:
+        print(json.dumps(rows, default=str, indent=1))
+    elif not rows:
+        print(f"dreamd: no runs in {store.url} yet; start one with `dreamd run`")
+    else:
+        print(f"{len(rows)} run{'s' if len(rows) != 1 else ''} in store {store.url}")
+        print(format_table(rows, FLEET_COLUMNS))
+    return 0
 
 
 def print_history(cfg: Config, as_json: bool = False, limit: int = 50) -> int:

@@ -178,7 +178,7 @@ def test_screener_orders_exact_before_near_duplicates(store: Store) -> None:
     run_id = store.start_run("r", "{}", "/m", 0)
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 8)
     index = NearDupIndex(store)
-    screener = Screener(ScreenConfig(), seen=lambda h: store.hash_exists(h) is not None,
+    screener = Screener(ScreenConfig(), seen=lambda h: store.hash_exists(run_id, h) is not None,
                         forgetting=forgetting_rule(EvalConfig()), near_dups=index.problem)
     assert [name for name, _ in screener.rules] == ["parse", "check", "format", "kind", "honesty", "judge",
                                                     "forgetting_probe", "duplicate", "near_duplicate"]

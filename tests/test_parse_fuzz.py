@@ -97,8 +97,8 @@ def test_checker_never_raises_on_random_expressions() -> None:
     assert all(r.holds is None or r.computed is not None for r in results)
 
 
-def fuzz_screener(store: Store) -> Screener:
-    return Screener(ScreenConfig(), seen=lambda h: store.hash_exists(h) is not None,
+def fuzz_screener(store: Store, run_id: int) -> Screener:
+    return Screener(ScreenConfig(), seen=lambda h: store.hash_exists(run_id, h) is not None,
                     forgetting=forgetting_rule(EvalConfig()), near_dups=NearDupIndex(store).problem)
 
 
@@ -106,8 +106,8 @@ def test_fuzzed_dreamer_pipeline_stores_every_candidate_with_a_reason(store: Sto
     """1,200 candidates: FuzzEngine garbage through write_batch -> screen -> store."""
     dreamer = ModelDreamer(FuzzEngine(seed=2), spec=DEFAULT_SPEC, config=DreamConfig(batch_size=25),
                            taxonomy=load_taxonomy())
-    screener, rng = fuzz_screener(store), random.Random(2)
     run_id = store.start_run("fuzz", "{}", "/m", 0)
+    screener, rng = fuzz_screener(store, run_id), random.Random(2)
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 8)
     from transformers import LlamaConfig
     config = LlamaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=1000)
@@ -134,8 +134,8 @@ def test_random_tiny_model_garbage_never_crashes(store: Store, tokenizer) -> Non
     engine = TransformersEngine(model, tokenizer)
     cfg = DreamConfig(batch_size=8, situation_max_tokens=32, reply_max_tokens=32, judge_max_tokens=16)
     dreamer = ModelDreamer(engine, spec=DEFAULT_SPEC, config=cfg, taxonomy=load_taxonomy())
-    screener, rng = fuzz_screener(store), random.Random(3)
     run_id = store.start_run("tiny", "{}", "/m", 0)
+    screener, rng = fuzz_screener(store, run_id), random.Random(3)
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 8)
     for i in range(64):
         s = dreamer.dream(KINDS[i % 4], rng, model_config=model.config)

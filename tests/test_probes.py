@@ -146,7 +146,7 @@ def test_build_skips_content_already_stored_as_training(store) -> None:
     first = build_probe_set(DREAMER, small)
     run_id = store.start_run("r", {}, "m", 0)
     store.add_scenario(run_id, None, first.family("pushback")[0].scenario, "accepted")
-    rebuilt = build_probe_set(DREAMER, small, taken=taken_in_store(store))
+    rebuilt = build_probe_set(DREAMER, small, taken=taken_in_store(store, run_id))
     taken = first.family("pushback")[0].scenario.content_hash
     assert taken not in rebuilt.content_hashes and len(rebuilt.family("pushback")) == 3
 

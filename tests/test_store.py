@@ -327,7 +327,7 @@ def test_exact_duplicate_rule(store: Store) -> None:
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 4)
     first = store.add_scenario(run_id, cycle_id, scenario(1), "accepted")
     assert first.duplicate_of is None
-    assert store.hash_exists(scenario(1).content_hash) == first.id
+    assert store.hash_exists(run_id, scenario(1).content_hash) == first.id
     # Same content up to case and whitespace: the same normalised hash.
     copy = scenario(1, text_="please  RENAME variable x1 to count1 in the loop.")
     dup = store.add_scenario(run_id, cycle_id, copy, "accepted", temperature=0.9)
@@ -345,7 +345,7 @@ def test_exact_duplicate_rule(store: Store) -> None:
     assert rows[dup.id].temperature == 0.9 and rows[dup.id].messages_json == copy.messages
     with pytest.raises(ValueError, match="reject_reason"):
         store.add_scenario(run_id, cycle_id, scenario(2), "rejected")
-    assert store.hash_exists("0" * 64) is None
+    assert store.hash_exists(run_id, "0" * 64) is None
 
 
 def test_active_steps_unique_superseded_allowed(store: Store) -> None:

@@ -158,7 +158,7 @@ def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any,
         log.info("dream.near_dup_backfill", indexed=indexed)
 
     def index_accepted(scenario: Scenario) -> None:
-        scenario_id = store.hash_exists(scenario.content_hash)
+        scenario_id = store.hash_exists(run_id, scenario.content_hash)
         if scenario_id is not None:
             near_dups.add(scenario, scenario_id)
 

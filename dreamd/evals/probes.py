@@ -364,11 +364,12 @@ def load_probes(store: Any, run_id: int) -> ProbeSet | None:
     return out if out.probes else None
 
 
-def taken_in_store(store: Any) -> Callable[[str], bool]:
-    """`taken` for build_probe_set: the content is stored as anything but a probe."""
+def taken_in_store(store: Any, run_id: int) -> Callable[[str], bool]:
+    """`taken` for build_probe_set: the run stored the content as anything but a probe (another
+    run's scenarios do not shape this run's probes)."""
 
     def taken(content_hash: str) -> bool:
-        status = store.scenario_status(content_hash)
+        status = store.scenario_status(run_id, content_hash)
         return status is not None and status != "probe"
 
     return taken
@@ -388,4 +389,4 @@ def open_probes(store: Any, run_id: int, dreamer: Any, sizes: ProbeSizes = Probe
             return loaded
         dropped = store.drop_probe_set(run_id)
         store.add_event(run_id, "probes.incomplete", {"found": have, "expected": whole, "dropped": dropped})
-    return store_probes(store, run_id, build_probe_set(dreamer, sizes, taken=taken_in_store(store)))
+    return store_probes(store, run_id, build_probe_set(dreamer, sizes, taken=taken_in_store(store, run_id)))

@@ -113,6 +113,11 @@ class Store(Database):
         with self.read() as s:
             return s.scalars(query if name is None else query.where(RunRow.name == name)).first()
 
+    def set_run_process(self, run_id: int, host: str, pid: int) -> None:
+        """The process that takes the run up now (start or resume): shown by the fleet view."""
+        with self.session() as s:
+            s.execute(update(RunRow).where(RunRow.id == run_id).values(host=host, pid=pid))
+
     def set_run_status(self, run_id: int, status: str) -> None:
         """'finished' and 'failed' stamp finished_at; 'running' (resumed) clears it."""
         _check(status, RUN_STATUSES, "run status")
@@ -200,15 +205,18 @@ class Store(Database):
                              .order_by(Cycle.number.desc(), Cycle.attempt.desc()).limit(1)).first()
 
     # ---- scenarios ---------------------------------------------------------------------------
-    def hash_exists(self, content_hash: str) -> int | None:
-        """The id of the scenario holding this content hash, or None."""
+    def hash_exists(self, run_id: int, content_hash: str) -> int | None:
+        """The id of the run's scenario holding this content hash, or None (another run's
+        copy does not count: docs/sql.md, "Several runs in one store")."""
         with self.read() as s:
-            return s.scalar(select(ScenarioRow.id).where(ScenarioRow.content_hash == content_hash))
+            return s.scalar(select(ScenarioRow.id).where(ScenarioRow.run_id == run_id,
+                                                         ScenarioRow.content_hash == content_hash))
 
-    def scenario_status(self, content_hash: str) -> str | None:
-        """The status of the scenario holding this content hash, or None."""
+    def scenario_status(self, run_id: int, content_hash: str) -> str | None:
+        """The status of the run's scenario holding this content hash, or None."""
         with self.read() as s:
-            return s.scalar(select(ScenarioRow.status).where(ScenarioRow.content_hash == content_hash))
+            return s.scalar(select(ScenarioRow.status).where(ScenarioRow.run_id == run_id,
+                                                             ScenarioRow.content_hash == content_hash))
 
     def probe_scenarios(self, run_id: int) -> list[tuple[int, Scenario]]:
         """The run's probe rows (status 'probe'), in the order they were stored, as (id, the
@@ -238,8 +246,8 @@ class Store(Database):
         """Store a scenario with the screen's verdict ('accepted', 'rejected' with a reason, or
         'probe' for fixed eval items, cycle_id None).
 
-        Exact-duplicate rule: content_hash is unique over the whole history. If the content is
-        already stored, the new row gets content_hash NULL and duplicate_of = the earlier id, and
+        Exact-duplicate rule: content_hash is unique within the run. If the run already stored
+        the content, the new row gets content_hash NULL and duplicate_of = the earlier id, and
         (unless it is a probe) status 'rejected' with reject_reason 'duplicate: ...'. Check
         `.duplicate_of` of the result: not None means "do not train on it".
         """
@@ -255,7 +263,7 @@ class Store(Database):
                 # PostgreSQL: another writer stored the same hash between our check and insert
                 # (SQLite cannot race: BEGIN IMMEDIATE serialises writers). Retry once; the
                 # second pass sees the original and stores a duplicate.
-                if attempt == 1 or self.hash_exists(digest) is None:
+                if attempt == 1 or self.hash_exists(run_id, digest) is None:
                     raise
         raise AssertionError("unreachable")
 
@@ -264,7 +272,8 @@ class Store(Database):
                          reject_reason: str | None = None, temperature: float | None = None) -> SavedScenario:
         """One scenarios row inside the session `s`, by add_scenario's duplicate rule."""
         digest = scenario.content_hash
-        original = s.scalar(select(ScenarioRow.id).where(ScenarioRow.content_hash == digest))
+        original = s.scalar(select(ScenarioRow.id).where(ScenarioRow.run_id == run_id,
+                                                         ScenarioRow.content_hash == digest))
         row = ScenarioRow(run_id=run_id, cycle_id=cycle_id, kind=str(scenario.kind),
                           source=scenario.source, content_hash=digest,
                           messages_json=scenario.messages, target=scenario.target,
@@ -486,6 +495,14 @@ class Store(Database):
                  .columns(started_at=UTCDateTime, finished_at=UTCDateTime))
         with self.read() as s:
             return [dict(r) for r in s.execute(query, {"run_id": run_id}).mappings()]
+
+    def fleet(self) -> list[dict[str, Any]]:
+        """Rows of the fleet view (docs/sql.md): one per run in the store, by run id."""
+        query = (text("SELECT * FROM fleet ORDER BY run_id")
+                 .columns(started_at=UTCDateTime, finished_at=UTCDateTime, last_cycle_started_at=UTCDateTime,
+                          last_cycle_finished_at=UTCDateTime, last_step_at=UTCDateTime))
+        with self.read() as s:
+            return [{**r, "paused": bool(r["paused"])} for r in s.execute(query).mappings()]
 
     def metric_trend(self, run_id: int, metric: str) -> list[dict[str, Any]]:
         """Rows of the metric_trend view for one metric of a run: baseline first, then cycles."""

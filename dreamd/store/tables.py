@@ -116,7 +116,8 @@ def created_at_column() -> Mapped[datetime]:
 
 
 class RunRow(Base):
-    """One run of the daemon on one model: resumed while unfinished (status running/stopped)."""
+    """One run of the daemon on one model: resumed while unfinished (status running/stopped).
+    host and pid: the process that took the run up last (the `fleet` view shows them)."""
 
     __tablename__ = "runs"
     __table_args__ = (CheckConstraint(_in("status", RUN_STATUSES), name="status"),)
@@ -131,6 +132,8 @@ class RunRow(Base):
     paused: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
     seed: Mapped[int] = mapped_column(BigInteger)
     dreamd_version: Mapped[str | None] = mapped_column(String(32))
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None]
 
 
 class Cycle(Base):
@@ -160,8 +163,9 @@ class Cycle(Base):
 class ScenarioRow(Base):
     """Every dreamed (or replayed) example, accepted or rejected, and the fixed eval probes.
 
-    content_hash is UNIQUE over the whole history. An exact duplicate is still stored, as
-    status 'rejected', reject_reason 'duplicate: ...', content_hash NULL and duplicate_of set.
+    content_hash is UNIQUE within a run (two runs sharing a store may hold the same scenario;
+    one run never repeats its own). An exact duplicate is still stored, as status 'rejected',
+    reject_reason 'duplicate: ...', content_hash NULL and duplicate_of set.
     """
 
     __tablename__ = "scenarios"
@@ -169,6 +173,7 @@ class ScenarioRow(Base):
         CheckConstraint(_in("status", SCENARIO_STATUSES), name="status"),
         CheckConstraint(_in("kind", SCENARIO_KINDS), name="kind"),
         Index("ix_scenarios_run_id_status", "run_id", "status"),
+        UniqueConstraint("run_id", "content_hash"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -176,7 +181,7 @@ class ScenarioRow(Base):
     cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     source: Mapped[str] = mapped_column(String(32))
-    content_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    content_hash: Mapped[str | None] = mapped_column(String(64))
     messages_json: Mapped[Any] = mapped_column(JSONDoc)
     target: Mapped[str] = mapped_column(Text)
     spec: Mapped[str | None] = mapped_column(Text)
