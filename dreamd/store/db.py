@@ -14,6 +14,7 @@ Alembic migrations in <repo>/migrations, configured here in code (no alembic.ini
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import math
@@ -299,14 +300,35 @@ class Database:
         script = ScriptDirectory.from_config(cfg)
         target = script.get_revision(revision)
         assert target is not None, f"unknown revision {revision!r}"
-        before = self.current_revision()
-        backup = None
-        if before is not None and before != target.revision and self.dialect == "sqlite":
-            backup = self._backup_sqlite(before)
-        self._run_alembic(command.upgrade, revision)
-        after = self.current_revision()
+        with self._migration_lock():
+            before = self.current_revision()
+            backup = None
+            if before is not None and before != target.revision and self.dialect == "sqlite":
+                backup = self._backup_sqlite(before)
+            self._run_alembic(command.upgrade, revision)
+            after = self.current_revision()
         assert after is not None
         return UpgradeResult(before, after, backup)
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """Several daemons may start on one new SQLite file at once: the whole upgrade (read the
+        revision, back up, migrate) runs under an exclusive flock on `<file>.migrate.lock`, so
+        the others wait and then find nothing pending. BEGIN IMMEDIATE alone did not serialise
+        it: Alembic reads the revision and reflects a table for batch mode in separate
+        snapshots, and a second process could reflect a table the first had just rebuilt
+        (tests/test_store.py, test_concurrent_first_upgrades). PostgreSQL takes an advisory
+        lock inside the migration's transaction instead (migrations/env.py)."""
+        path = _sqlite_file(self.engine.url) if self.dialect == "sqlite" else None
+        if path is None:
+            yield
+            return
+        with open(path.with_name(path.name + ".migrate.lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def downgrade(self, revision: str) -> None:
         """Migrate down to `revision` ('base' removes every table). For developers and tests."""
