@@ -127,9 +127,10 @@ def test_k_equal_bands_hold_for_every_pair_at_the_threshold() -> None:
     assert bands_needed(0.8) == 7 and bands_needed(0.75) == 1 and bands_needed(1.0) == BANDS
 
 
-def test_band_index_returns_exactly_the_ids_with_k_equal_bands() -> None:
-    """Against brute force, with heavy buckets (many signatures sharing bands), ids in the sorted
-    array and in the recent adds, and k from 1 to 32."""
+def test_band_index_returns_the_rows_with_k_equal_bands() -> None:
+    """Against brute force, with heavy buckets (many signatures sharing bands), rows in the
+    sorted array and in the recent adds, and k from 1 to 32: every row with k equal bands, and
+    extra rows only where a 16-bit fingerprint collided (rare; the caller verifies signatures)."""
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 1 << 32, size=NUM_PERM, dtype=np.uint32)
     sigs = rng.integers(0, 1 << 32, size=(3000, NUM_PERM), dtype=np.uint32)
@@ -138,18 +139,22 @@ def test_band_index_returns_exactly_the_ids_with_k_equal_bands() -> None:
         mask = np.repeat(share, 4)
         sigs[i, mask] = frame[mask]
     keys = band_keys(sigs)
-    ids = np.arange(10, 3010)
     index = BandIndex(BANDS)
-    index.add(ids[:2000], keys[:2000], bulk=True)
+    assert index.add(keys[:2000], bulk=True).tolist() == list(range(2000))
     for i in range(2000, 2900):                      # one by one: some merged, the last ones not
-        index.add(ids[i:i + 1], keys[i:i + 1])
+        assert index.add(keys[i:i + 1]).tolist() == [i]
+    assert index._recent and index.size == 2900
     queries = np.concatenate([sigs[rng.choice(2900, 40)], frame[None, :],
                               rng.integers(0, 1 << 32, size=(5, NUM_PERM), dtype=np.uint32)])
     for q in queries:
         equal = (keys[:2900] == band_keys(q)).sum(axis=1)
         for k in (1, 2, 7, 12, 32):
             got, _ = index.candidates(band_keys(q), k)
-            assert got.tolist() == ids[:2900][equal >= k].tolist(), k
+            expected = np.flatnonzero(equal >= k)
+            assert set(expected) <= set(got) and list(got) == sorted(got), k
+            extra = np.setdiff1d(got, expected)
+            assert len(extra) <= max(1, len(expected) // 100), (k, len(extra))
+            assert (equal[extra] == k - 1).all()     # one band over-counted, never more
 
 
 def test_index_finds_what_brute_force_finds_on_template_scenarios(store: Store) -> None:

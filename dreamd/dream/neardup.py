@@ -25,11 +25,13 @@ compared. Below t = 0.76, k = 1 (any equal band: P = 1 - (1 - J^4)^32, 0.988 at 
 at 0.5). The bands do not depend on the threshold; only k does.
 
 Persistence: `minhash_signatures` (scenario id -> 512-byte signature, scheme) is the index's
-only storage; the band keys live in memory (`lsh.BandIndex`, 256 bytes a scenario), computed
-from the signatures when the index opens (about 1e6 signatures in seconds), so the check holds
-across restarts and across runs. A query is in-memory bucket lookups; only candidates that pass
-k are verified, on their signatures read from the store by primary key. Scenarios accepted
-before the signature table existed (or under another SCHEME) are indexed by `backfill()`.
+only storage, so the check holds across restarts and across runs. When the index opens it reads
+every signature into memory (768 bytes a scenario with its bands: ~0.75 GB at 1e6 stored, read
+in ~10 s) and builds the band index (`lsh.BandIndex`); a lookup is then bucket searches and one
+vectorised comparison of the candidates' signatures, without touching the store. An accepted
+scenario is written to the store and added in memory; `refresh()` reads what another process
+stored since. Scenarios accepted before the signature table existed (or signed under another
+SCHEME) are signed by `backfill()`.
 tests/test_neardup.py and benchmarks/neardup_bench.py measure it against datasketch.
 """
 
@@ -128,8 +130,9 @@ class NearDup:
 
 class NearDupIndex:
     """Near-duplicate lookups against every accepted scenario in `store` (a dreamd Store, or
-    anything with add_minhashes / minhash_page / minhash_signatures / accepted_without_minhash).
-    Opening it reads every stored signature of SCHEME into the in-memory band index."""
+    anything with add_minhashes / minhash_page / accepted_without_minhash). Opening it reads
+    every stored signature of SCHEME into memory: the signatures (512 bytes each, compared
+    vectorised) and their band index (256 bytes each); a lookup does not touch the store."""
 
     CACHE = 256  # signatures kept between the screening rule and add() (same content hash)
     PAGE = 50_000  # signatures per read while loading
@@ -140,7 +143,10 @@ class NearDupIndex:
         self.store = store
         self.threshold = threshold
         self.k = bands_needed(threshold)
-        self.bands = BandIndex(BANDS)
+        self.bands = BandIndex(BANDS)      # bands of row r -> r
+        self._ids = np.empty(0, dtype=np.int64)              # row -> scenario id
+        self._sigs = np.empty((0, NUM_PERM), dtype=np.uint32)  # row -> signature
+        self.size = 0
         self._cache: OrderedDict[str, np.ndarray | None] = OrderedDict()
         self._loaded_up_to = 0            # highest scenario id read from the store
         self._added_above: set[int] = set()  # ids this process added above that (refresh skips them)
@@ -161,11 +167,28 @@ class NearDupIndex:
             if rows:
                 ids = np.fromiter((sid for sid, _ in rows), dtype=np.int64, count=len(rows))
                 sigs = np.frombuffer(b"".join(raw for _, raw in rows), dtype="<u4").reshape(-1, NUM_PERM)
-                self.bands.add(ids, band_keys(sigs), bulk=True)
+                self._append(ids, sigs, bulk=True)
                 added += len(rows)
         self._added_above = {i for i in self._added_above if i > self._loaded_up_to}
         self.bands.finish_loading()
         return added
+
+    def _append(self, ids: np.ndarray, sigs: np.ndarray, bulk: bool = False) -> None:
+        """New rows (capacity doubles: pages never written are not resident)."""
+        end = self.size + len(ids)
+        if end > len(self._ids):
+            cap = max(end, 2 * len(self._ids), 1024)
+            grown_ids, grown_sigs = np.empty(cap, dtype=np.int64), np.empty((cap, NUM_PERM), dtype=np.uint32)
+            grown_ids[:self.size], grown_sigs[:self.size] = self._ids[:self.size], self._sigs[:self.size]
+            self._ids, self._sigs = grown_ids, grown_sigs
+        self._ids[self.size:end], self._sigs[self.size:end] = ids, sigs
+        self.bands.add(band_keys(sigs), bulk=bulk)   # rows self.size .. end - 1, the same order
+        self.size = end
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held for the stored signatures: signatures, ids and bands."""
+        return self.size * (NUM_PERM * 4 + 8) + self.bands.nbytes
 
     def _signature(self, scenario: Scenario) -> np.ndarray | None:
         key = scenario.content_hash
@@ -185,20 +208,15 @@ class NearDupIndex:
 
     def find_signature(self, sig: np.ndarray) -> NearDup | None:
         """find() for a signature already computed."""
-        ids, self.last_read = self.bands.candidates(band_keys(sig), self.k)
-        self.last_candidates = len(ids)
-        if not len(ids):
+        rows, self.last_read = self.bands.candidates(band_keys(sig), self.k)
+        self.last_candidates = len(rows)
+        if not len(rows):
             return None
-        stored = self.store.minhash_signatures(SCHEME, ids.tolist())
-        if not stored:
+        equal = (self._sigs[rows] == sig).sum(axis=1)
+        best = int(equal.max())
+        if best / NUM_PERM < self.threshold:
             return None
-        order = list(stored)
-        sims = (np.frombuffer(b"".join(stored[i] for i in order), dtype="<u4").reshape(-1, NUM_PERM)
-                == sig).sum(axis=1) / NUM_PERM
-        best = int(np.argmax(sims))       # ties: the lowest id (the store returns them in order)
-        if sims[best] < self.threshold:
-            return None
-        return NearDup(order[best], float(sims[best]))
+        return NearDup(int(self._ids[rows][equal == best].min()), best / NUM_PERM)  # ties: lowest id
 
     def problem(self, scenario: Scenario) -> str | None:
         """Screening rule: why `scenario` is a near duplicate, or None."""
@@ -223,7 +241,7 @@ class NearDupIndex:
                                                     for sid, sig in rows]))
         fresh = [(sid, sig) for sid, sig in rows if sid in new and sig is not None]
         if fresh:
-            self.bands.add(np.array([sid for sid, _ in fresh]), band_keys(np.stack([sig for _, sig in fresh])))
+            self._append(np.array([sid for sid, _ in fresh]), np.stack([sig for _, sig in fresh]))
             self._added_above.update(sid for sid, _ in fresh if sid > self._loaded_up_to)
 
     def backfill(self, batch: int = 500) -> int:

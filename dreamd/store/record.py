@@ -525,14 +525,6 @@ class Store(Database):
                 .where(MinhashSignature.scenario_id > after_id, MinhashSignature.scheme == scheme)
                 .order_by(MinhashSignature.scenario_id).limit(limit))]
 
-    def minhash_signatures(self, scheme: str, ids: Sequence[int]) -> dict[int, bytes]:
-        """Signatures of `scheme` of these scenarios, by id ascending (missing ones left out)."""
-        with self.read() as s:
-            return {r[0]: bytes(r[1]) for r in s.execute(
-                select(MinhashSignature.scenario_id, MinhashSignature.signature)
-                .where(MinhashSignature.scenario_id.in_(list(ids)), MinhashSignature.scheme == scheme)
-                .order_by(MinhashSignature.scenario_id))}
-
     def accepted_without_minhash(self, scheme: str, limit: int = 500) -> dict[int, Scenario]:
         """Accepted scenarios not yet indexed under `scheme` (oldest first), at most `limit`."""
         indexed = select(MinhashSignature.scenario_id).where(MinhashSignature.scheme == scheme)
