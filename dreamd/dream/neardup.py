@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ class NearDupIndex:
 
     CACHE = 256  # signatures kept between the screening rule and add() (same content hash)
     PAGE = 50_000  # signatures per read while loading
+    REFRESH_S = 60.0  # find() reads other processes' additions at most this often
 
     def __init__(self, store: Any, threshold: float = 0.8) -> None:
         if not 0.5 <= threshold <= 1.0:
@@ -152,12 +154,13 @@ class NearDupIndex:
         self._added_above: set[int] = set()  # ids this process added above that (refresh skips them)
         self.last_candidates = 0          # signatures the last lookup compared (benchmarks)
         self.last_read = 0                # bucket entries the last lookup read (benchmarks)
+        self._refreshed_at = 0.0
         self.refresh()
 
     def refresh(self) -> int:
         """Read signatures stored since the last read (at open: all of them), e.g. by another
         process writing to the same store. Returns how many were added to the index."""
-        added = 0
+        added, self._refreshed_at = 0, time.monotonic()
         while True:
             page = self.store.minhash_page(SCHEME, after_id=self._loaded_up_to, limit=self.PAGE)
             if not page:
@@ -202,7 +205,10 @@ class NearDupIndex:
         return sig
 
     def find(self, scenario: Scenario) -> NearDup | None:
-        """The most similar stored scenario at or above the threshold, or None."""
+        """The most similar stored scenario at or above the threshold, or None. Reads what
+        other processes stored first, when the last read is REFRESH_S old (one indexed query)."""
+        if time.monotonic() - self._refreshed_at >= self.REFRESH_S:
+            self.refresh()
         sig = self._signature(scenario)
         return None if sig is None else self.find_signature(sig)
 
