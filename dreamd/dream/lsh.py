@@ -163,20 +163,17 @@ class BandIndex:
         lo, hi = self._bounds(prefix)
         sizes = hi - lo
         # The k - 1 largest buckets are not expanded: a row with k equal bands is in another.
-        expand = np.ones(self.n_bands, dtype=bool)
         if k > 1:
-            expand[np.argsort(sizes, kind="stable")[self.n_bands - (k - 1):]] = False
-        n = sizes[expand]
-        total = int(n.sum())
-        rows = self._sorted[np.arange(total) + np.repeat(lo[expand] - (np.cumsum(n) - n), n)] & ROW_MASK
+            sizes[np.argpartition(sizes, self.n_bands - (k - 1))[self.n_bands - (k - 1):]] = 0
+        total = int(sizes.sum())
+        rows = self._sorted[np.arange(total) + np.repeat(lo - (np.cumsum(sizes) - sizes), sizes)] & ROW_MASK
         if self._recent:
             recent = [i for p in prefix.tolist() for i in self._recent.get(p, ())]
             if recent:
                 rows = np.concatenate([rows, np.array(recent, dtype=np.uint64)])
         if not len(rows):
             return np.empty(0, dtype=np.int64), total
-        rows = np.unique(rows).astype(np.int64)
-        if k > 1:
-            equal = (self._fp[rows] == self.fingerprints(keys)).sum(axis=1)
-            rows = rows[equal >= k]
-        return rows, total
+        rows = rows.astype(np.int64)
+        if k > 1:   # count first (a row appears once per equal band read), deduplicate the few left
+            rows = rows[(self._fp[rows] == self.fingerprints(keys)).sum(axis=1) >= k]
+        return np.unique(rows), total

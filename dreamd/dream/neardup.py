@@ -100,8 +100,11 @@ def signature(text: str) -> np.ndarray | None:
 
 def band_keys(sigs: np.ndarray) -> np.ndarray:
     """(n, BANDS) uint64 band keys of (n, NUM_PERM) signatures (one signature: (1, BANDS))."""
-    rows = np.asarray(sigs, dtype=np.uint64).reshape(-1, BANDS, ROWS)
-    return (rows * _BAND_MUL).sum(axis=2, dtype=np.uint64) + _BAND_ADD
+    rows = np.asarray(sigs).reshape(-1, BANDS, ROWS)
+    keys = np.broadcast_to(_BAND_ADD, (len(rows), BANDS)).copy()
+    for r in range(ROWS):            # column by column: no (n, 32, 4) uint64 temporary
+        keys += rows[:, :, r].astype(np.uint64) * _BAND_MUL[:, r]
+    return keys
 
 
 def bands_needed(threshold: float) -> int:
