@@ -101,6 +101,8 @@ def signature(text: str) -> np.ndarray | None:
 def band_keys(sigs: np.ndarray) -> np.ndarray:
     """(n, BANDS) uint64 band keys of (n, NUM_PERM) signatures (one signature: (1, BANDS))."""
     rows = np.asarray(sigs).reshape(-1, BANDS, ROWS)
+    if len(rows) <= 64:              # a lookup: fewest numpy calls
+        return (rows.astype(np.uint64) * _BAND_MUL).sum(axis=2, dtype=np.uint64) + _BAND_ADD
     keys = np.broadcast_to(_BAND_ADD, (len(rows), BANDS)).copy()
     for r in range(ROWS):            # column by column: no (n, 32, 4) uint64 temporary
         keys += rows[:, :, r].astype(np.uint64) * _BAND_MUL[:, r]
