@@ -9,10 +9,11 @@ enough bands with a query to be worth comparing.
 Layout: one sorted uint64 array with one entry per (row, band):
 `band (5 bits) | band key (27 bits) | row (32 bits)`. A bucket (rows whose band b has key h) is
 one contiguous run of that array. A directory of offsets by the entry's top bits (about 8
-entries per slot) finds a bucket's start in one step and a window of 32 entries its bounds:
-no binary search over the whole array (a cache miss per level at 1e6). Per row a 16-bit
-fingerprint of each band key (`_fp`) counts its equal bands without searching. 8 + 2 bytes per
-band per row, plus the directory: ~330 bytes a scenario at 32 bands, no Python object per entry.
+entries per slot) finds a bucket's start in one step and a window of WINDOW entries its bounds;
+buckets of more than HEAVY entries are looked up in a small table of their own: no binary
+search over the whole array (a cache miss per level at 1e6). Per row a 16-bit fingerprint of
+each band key (`_fp`) counts its equal bands without searching. 8 + 2 bytes per band per row,
+plus the directory: ~330 bytes a scenario at 32 bands, no Python object per entry.
 
 Adds go to a small dict (`_recent`) and are merged into the sorted array when it holds more
 than an eighth of it (amortised O(log n) per add); a query reads both.
