@@ -1,125 +1,276 @@
-"""Near duplicates: dreamd's own MinHash + SQL bands vs datasketch, at 10k and 100k stored.
+"""Near duplicates: one lookup against 1e3 .. 1e6 stored template scenarios, dreamd's index
+(SQLite store) vs datasketch's in-memory MinHashLSH, with recall and false positives.
 
-    .venv/bin/python benchmarks/neardup_bench.py --stored 10000 100000
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/neardup_bench.py --stored 1000 10000 100000 1000000
 
-Texts are template-dreamer scenarios (the real distribution: shared frames, varied slots).
+The same script measures the code before migration 0006 (SQL bands) when run against that tree:
+    git archive 7f58333 dreamd migrations | tar -x -C /tmp/nd-before
+    PYTHONPATH=/tmp/nd-before .venv/bin/python benchmarks/neardup_bench.py --stored 1000 10000 100000
+
+Data: one stream of 1e6 template-dreamer scenarios (the real distribution: shared frames,
+varied slots), signed once and cached with its texts in ~/.cache/dreamd-bench/ (~12 min to
+build); "stored N" is its first N. The store for each N is cached there too and holds only what
+the lookup reads: minimal scenario rows (the signature rows reference them; no text) and the
+signatures (before 0006: also the 32 band rows each). Queries, all from precomputed signatures
+(signing one is ~200 us for every method alike, not counted):
+  fresh    500 new template draws (another seed): the screening workload
+  planted  500 near copies of random stored scenarios, words replaced until the exact Jaccard
+           of the word 3-grams is in [0.8, 1.0): each should be found
 Columns:
-  signature_us   one signature from a scenario's text (shingling included); datasketch's
-                 MinHash with its default sha1 per shingle, dreamd's numpy universal hashing
-  build_s        make the index hold N signatures: dreamd inserts rows into a SQLite store (the
-                 cost of a first backfill; a running daemon adds one scenario at a time);
-                 datasketch MinHashLSH inserts in memory, and a restart must do it again (it
-                 has no SQL storage: rebuild = load N signatures + insert)
-  query_ms       one near-duplicate lookup (candidates by band + verification), mean of 500
-  add_ms         index one accepted scenario (dreamd: one transaction)
-  candidates     mean candidates a query had to verify
+  ms       one lookup (bands, candidates, verification on the signatures): the mean over the
+           fresh queries of each one's fastest of 5 interleaved rounds; median_ms likewise
+  cand     signatures compared per fresh lookup
+  rej      share of fresh draws rejected; fp: of those, the share whose exact Jaccard with the
+           scenario named is below the threshold (a false positive of the MinHash estimate)
+  recall   planted near copies found
+  open_s   dreamd: open the index (read every signature, build the bands); rss_mb the process's
+           RSS growth doing so. datasketch: build_s inserts N signatures (no storage).
+datasketch (optional: `pip install datasketch`) picks its own bands for 0.8 (9 x 13) and its
+candidates are verified on the signatures in memory, like dreamd's.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
+import os
 import random
+import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
-from dreamd.dream.neardup import NUM_PERM, SCHEME, NearDupIndex, band_keys, shingles, signature, to_bytes
-from dreamd.dream.scenario import Scenario
+from dreamd.dream import neardup
+from dreamd.dream.neardup import NUM_PERM, SCHEME, jaccard, shingles, signature, to_bytes
 from dreamd.dream.templates import TemplateDreamer
 from dreamd.store import Store
 
 KINDS = ("accept", "pushback", "derail", "general")
+CACHE = Path.home() / ".cache" / "dreamd-bench"
+CORPUS_N, CORPUS_SEED, QUERY_SEED = 1_000_000, 1_000_000, 12345
+ROUNDS = 5
+NEW = hasattr(neardup, "bands_needed")   # False: the tree before migration 0006 (SQL bands)
+IMPL = "memory-bands" if NEW else "sql-bands"
 
 
-def scenarios(n: int, seed: int) -> list[Scenario]:
+def draw(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     dreamer, rng = TemplateDreamer(spec="spec", seed=seed), random.Random(seed)
-    return [dreamer.dream(KINDS[i % 4], rng) for i in range(n)]
+    sigs, texts = np.zeros((n, NUM_PERM), dtype=np.uint32), []
+    for i in range(n):
+        text = dreamer.dream(KINDS[i % 4], rng).text
+        texts.append(text)
+        sig = signature(text)
+        if sig is not None:
+            sigs[i] = sig
+    return sigs, texts
 
 
-def datasketch_minhash(text: str) -> MinHash:
-    m = MinHash(num_perm=NUM_PERM)
-    m.update_batch([g.encode() for g in shingles(text)])
-    return m
+def corpus() -> tuple[np.ndarray, list[str]]:
+    base = CACHE / f"templates-s{CORPUS_SEED}-n{CORPUS_N}"
+    sig_path, text_path = Path(f"{base}.sig.npy"), Path(f"{base}.txt.gz")
+    if not (sig_path.exists() and text_path.exists()):
+        print(f"building the corpus cache {base}.* (once, ~12 min)", flush=True)
+        sigs, texts = draw(CORPUS_N, CORPUS_SEED)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.save(sig_path, sigs)
+        with gzip.open(text_path, "wt") as f:
+            json.dump(texts, f)
+    with gzip.open(text_path, "rt") as f:
+        texts = json.load(f)
+    return np.load(sig_path), texts
 
 
-def bench(n_stored: int, sample: list[Scenario], store_dir: Path) -> dict[str, float]:
-    t = time.perf_counter()
-    stored = scenarios(n_stored, seed=n_stored)
-    dream_s = time.perf_counter() - t
-    t = time.perf_counter()
-    sigs = [signature(s.text) for s in stored]
-    own_sig_us = (time.perf_counter() - t) / n_stored * 1e6
-    probe = stored[:2000]
-    t = time.perf_counter()
-    for s in probe:
-        datasketch_minhash(s.text)
-    ds_sig_us = (time.perf_counter() - t) / len(probe) * 1e6
+def planted(texts: list[str], n_stored: int, count: int, threshold: float, seed: int) -> list[tuple[int, np.ndarray]]:
+    """(original index, signature) of near copies with exact Jaccard in [threshold, 1)."""
+    rng, out = random.Random(seed), []
+    while len(out) < count:
+        i = rng.randrange(n_stored)
+        words = re.findall(r"\w+", texts[i])
+        if len(words) < 12:
+            continue
+        original = shingles(texts[i])
+        for _ in range(len(words)):
+            words[rng.randrange(len(words))] = f"x{rng.randrange(10**6)}"
+            j = jaccard(original, shingles(" ".join(words)))
+            if j < 1.0 and j >= threshold:
+                out.append((i, signature(" ".join(words))))
+                break
+            if j < threshold:
+                break
+    return out
 
-    # ---- dreamd: rows in a SQLite store (scenario rows first: the tables reference them) ----
-    store = Store.open(f"sqlite:///{store_dir / f'bench-{n_stored}.sqlite'}")
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def open_store(n: int, sigs: np.ndarray) -> Store:
+    path = CACHE / f"neardup-{IMPL}-{n}.sqlite"
+    fresh = not path.exists()
+    store = Store.open(f"sqlite:///{path}")
+    if not fresh:
+        return store
+    print(f"building {path} (once)", flush=True)
     store.upgrade()
-    run_id = store.start_run("bench", "{}", "/m", 0)
-    cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, n_stored)
     from sqlalchemy import insert
 
-    from dreamd.store.tables import ScenarioRow as Row
-    rows = [{"run_id": run_id, "cycle_id": cycle_id, "kind": str(s.kind), "source": s.source,
-             "content_hash": None, "messages_json": s.messages, "target": s.target, "spec": None,
-             "status": "accepted", "meta_json": {}} for s in stored]
-    with store.session() as sess:
-        sess.execute(insert(Row), rows)
-    t = time.perf_counter()
-    batch = 2000
-    for start in range(0, n_stored, batch):
-        store.add_minhashes(SCHEME, [(i + 1, to_bytes(sig), band_keys(sig))
-                                     for i, sig in enumerate(sigs[start:start + batch], start)])
-    own_build = time.perf_counter() - t
-    index = NearDupIndex(store)
-    cand, t = [], time.perf_counter()
-    for s in sample:
-        cand.append(len(store.minhash_candidates(SCHEME, band_keys(signature(s.text)))))
-        index.find(s)
-    own_query_ms = (time.perf_counter() - t) / len(sample) * 1e3 / 2  # two lookups per loop
-    t = time.perf_counter()
-    for i, s in enumerate(sample[:100]):
-        with store.session() as sess:
-            sess.execute(insert(Row), [{**rows[0], "target": f"added {i}"}])
-        index.add(s, n_stored + i + 1)
-    own_add_ms = (time.perf_counter() - t) / 100 * 1e3
-    store.close()
+    from dreamd.store.tables import ScenarioRow
+    run_id = store.start_run("bench", "{}", "/m", 0)
+    cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, n)
+    batch = 10_000
+    for start in range(0, n, batch):
+        rows = range(start, min(n, start + batch))
+        with store.session() as s:
+            s.execute(insert(ScenarioRow), [{"run_id": run_id, "cycle_id": cycle_id, "kind": KINDS[i % 4],
+                                             "source": "template", "content_hash": None, "messages_json": [],
+                                             "target": "", "spec": None, "status": "accepted", "meta_json": {}}
+                                            for i in rows])
+        if NEW:
+            store.add_minhashes(SCHEME, [(i + 1, to_bytes(sigs[i])) for i in rows])
+        else:
+            store.add_minhashes(SCHEME, [(i + 1, to_bytes(sigs[i]), neardup.band_keys(sigs[i])) for i in rows])
+    return store
 
-    # ---- datasketch: in-memory LSH (threshold 0.8 picks its own bands: 9 x 13) --------------
+
+class Old:
+    """The lookup before 0006 (dreamd.dream.neardup.NearDupIndex.find, from a signature)."""
+
+    def __init__(self, store: Store, threshold: float) -> None:
+        self.store, self.threshold, self.last_candidates = store, threshold, 0
+
+    def find_signature(self, sig: np.ndarray) -> tuple[int, float] | None:
+        best = None
+        found = self.store.minhash_candidates(SCHEME, neardup.band_keys(sig))
+        self.last_candidates = len(found)
+        for scenario_id, raw in found:
+            sim = neardup.similarity(sig, neardup.from_bytes(raw))
+            if sim >= self.threshold and (best is None or sim > best[1]):
+                best = (scenario_id, sim)
+        return best
+
+
+def run_lookups(find, queries: list[np.ndarray], rounds: int = 1) -> tuple[list[float], list]:
+    """Per query: the fastest of `rounds` timings (rounds interleaved: the box is shared, and
+    a lookup's own cost is its fastest run), and its result."""
+    times, hits = [float("inf")] * len(queries), [None] * len(queries)
+    for _ in range(rounds):
+        for i, q in enumerate(queries):
+            t = time.perf_counter()
+            hits[i] = find(q)
+            times[i] = min(times[i], time.perf_counter() - t)
+    return times, hits
+
+
+def as_pair(hit) -> tuple[int, float] | None:
+    return None if hit is None else (hit.scenario_id, hit.similarity) if hasattr(hit, "scenario_id") else hit
+
+
+def report(name: str, n: int, times: list[float], cand: list[int], fresh_hits: list, fresh_texts: list[str],
+           texts: list[str], plant_hits: list, threshold: float, extra: str) -> float:
+    rejected = [(t, h) for t, h in zip(fresh_texts, map(as_pair, fresh_hits)) if h is not None]
+    fp = sum(jaccard(shingles(t), shingles(texts[h[0] - 1])) < threshold for t, h in rejected)
+    ms = statistics.mean(times) * 1e3
+    recall = sum(h is not None for h in plant_hits) / len(plant_hits)
+    print(f"{name:<13} stored={n:<8} ms={ms:.4f} median_ms={statistics.median(times) * 1e3:.4f} "
+          f"cand={statistics.mean(cand):.2f} rej={len(rejected) / len(fresh_texts):.3f} "
+          f"fp={fp / max(1, len(rejected)):.3f} ({fp}/{len(rejected)}) recall={recall:.3f} {extra}", flush=True)
+    return ms
+
+
+def datasketch_lookup(sigs: np.ndarray, n: int, threshold: float):
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    perms = MinHash(num_perm=NUM_PERM).permutations   # shared: not regenerated per MinHash
+
+    def minhash(sig: np.ndarray) -> MinHash:
+        return MinHash(num_perm=NUM_PERM, hashvalues=sig.astype(np.uint64), permutations=perms,
+                       scheme="affine32")
+
     t = time.perf_counter()
-    lsh = MinHashLSH(threshold=0.8, num_perm=NUM_PERM)
-    for i, sig in enumerate(sigs):
-        lsh.insert(i, MinHash(num_perm=NUM_PERM, hashvalues=sig.astype(np.uint64), scheme="affine32"),
-                   check_duplication=False)
-    ds_build = time.perf_counter() - t
-    t = time.perf_counter()
-    for s in sample:
-        lsh.query(MinHash(num_perm=NUM_PERM, hashvalues=signature(s.text).astype(np.uint64),
-                          scheme="affine32"))
-    ds_query_ms = (time.perf_counter() - t) / len(sample) * 1e3
-    return {"stored": n_stored, "dream_s": dream_s, "own_sig_us": own_sig_us, "ds_sig_us": ds_sig_us,
-            "own_build_s": own_build, "ds_build_s": ds_build, "own_query_ms": own_query_ms,
-            "ds_query_ms": ds_query_ms, "own_add_ms": own_add_ms, "candidates": statistics.mean(cand)}
+    with lsh.insertion_session() as session:
+        for i in range(n):
+            session.insert(i + 1, minhash(sigs[i]), check_duplication=False)
+    build_s = time.perf_counter() - t
+    cand: list[int] = []
+
+    def find(sig: np.ndarray) -> tuple[int, float] | None:
+        ids = lsh.query(minhash(sig))
+        cand.append(len(ids))
+        if not ids:
+            return None
+        ids = np.array(ids)
+        sims = (sigs[ids - 1] == sig).sum(axis=1) / NUM_PERM
+        best = int(np.argmax(sims))
+        return (int(ids[best]), float(sims[best])) if sims[best] >= threshold else None
+
+    return find, cand, build_s, lsh
+
+
+def bench(n: int, sigs: np.ndarray, texts: list[str], fresh: tuple[np.ndarray, list[str]],
+          plants: list[tuple[int, np.ndarray]], threshold: float) -> dict[str, float]:
+    store = open_store(n, sigs)
+    size_mb = Path(store.engine.url.database).stat().st_size / 2**20
+    rss0, t = rss_mb(), time.perf_counter()
+    index = neardup.NearDupIndex(store, threshold=threshold) if NEW else Old(store, threshold)
+    open_s, rss_grew = time.perf_counter() - t, rss_mb() - rss0
+    queries = list(fresh[0])
+    run_lookups(index.find_signature, queries[:50])                      # warm the page cache
+    cand = []
+    for q in queries:
+        index.find_signature(q)
+        cand.append(index.last_candidates)
+    times, hits = run_lookups(index.find_signature, queries, ROUNDS)
+    _, plant_hits = run_lookups(index.find_signature, [s for _, s in plants])
+    extra = f"store_mb={size_mb:.0f} open_s={open_s:.2f} rss_mb={rss_grew:.0f}"
+    if NEW:
+        extra += f" index_mb={index.nbytes / 2**20:.0f}"
+    own = report(f"dreamd-{IMPL}", n, times, cand, hits, fresh[1], texts, plant_hits, threshold, extra)
+    store.close()
+    out = {"own_ms": own}
+    try:
+        import datasketch  # noqa: F401
+    except ImportError:
+        print("datasketch    not installed (pip install datasketch): no in-memory LSH column", flush=True)
+        return out
+    rss0 = rss_mb()
+    find, ds_cand, build_s, lsh = datasketch_lookup(sigs, n, threshold)
+    rss_grew = rss_mb() - rss0
+    run_lookups(find, queries[:50])
+    ds_cand.clear()
+    times, hits = run_lookups(find, queries, ROUNDS)
+    cand = list(ds_cand[:len(queries)])
+    _, plant_hits = run_lookups(find, [s for _, s in plants])
+    out["ds_ms"] = report("datasketch", n, times, cand, hits, fresh[1], texts, plant_hits, threshold,
+                          f"build_s={build_s:.1f} rss_mb={rss_grew:.0f}")
+    del lsh
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stored", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--stored", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--threshold", type=float, default=0.8)
     args = ap.parse_args()
-    sample = scenarios(args.queries, seed=12345)
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in args.stored:
-            r = bench(n, sample, Path(tmp))
-            print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
-                  flush=True)
+    print(f"impl={IMPL} threshold={args.threshold} queries={args.queries} (+{args.queries} planted) "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    sigs, texts = corpus()
+    fresh = draw(args.queries, QUERY_SEED)
+    results = {}
+    for n in args.stored:
+        plants = planted(texts, n, args.queries, args.threshold, seed=n)
+        results[n] = bench(n, sigs, texts, fresh, plants, args.threshold)
+    first = results[args.stored[0]]
+    for n, r in results.items():
+        line = f"stored={n:<8} dreamd {r['own_ms']:.4f} ms = {r['own_ms'] / first['own_ms']:.2f}x stored={args.stored[0]}"
+        if "ds_ms" in r:
+            line += f"; datasketch {r['ds_ms']:.4f} ms; dreamd / datasketch = {r['own_ms'] / r['ds_ms']:.2f}x"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

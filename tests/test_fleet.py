@@ -96,8 +96,6 @@ def test_runs_sharing_a_store_never_see_each_others_scenarios(store: Store) -> N
     assert probe.duplicate_of is None
 
 
-@pytest.mark.xfail(strict=True, reason="dreamd/dream/neardup.py looks near duplicates up in every run's "
-                   "scenarios; once its rewrite keeps only the run's own, make this a plain test")
 def test_near_duplicate_lookup_is_per_run(setup_dir, store: Store) -> None:
     """A near copy of ANOTHER run's scenario is not a near duplicate (docs/sql.md, "Several runs
     in one store"): the index each run's dreaming is opened with (dream/routing.open_dreaming)

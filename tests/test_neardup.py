@@ -1,27 +1,34 @@
-"""Near duplicates: MinHash accuracy against exact Jaccard, LSH recall, the persisted index on a
-real store (SQLite file / PostgreSQL), the configurable threshold, only accepted scenarios
-indexed, backfill, the dream_summary view, and the check holding across a restart."""
+"""Near duplicates: MinHash accuracy against exact Jaccard, LSH recall, the in-memory band index
+against brute force, the persisted index on a real store (SQLite file / PostgreSQL), the
+configurable threshold, only accepted scenarios indexed, backfill, stores from before migration
+0006 and signatures of another scheme, the dream_summary view, and the check holding across a
+restart."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import text
 
 from dreamd.config import EvalConfig, ScreenConfig
 from dreamd.config_file import load_config
 from dreamd.cycle import run_cycle
+from dreamd.dream.lsh import BandIndex
 from dreamd.dream.neardup import (
     BANDS,
+    NUM_PERM,
     SCHEME,
     NearDupIndex,
     band_keys,
+    bands_needed,
     jaccard,
     shingles,
     signature,
     similarity,
+    to_bytes,
 )
 from dreamd.dream.scenario import Scenario
 from dreamd.dream.screen import Screener
@@ -79,12 +86,12 @@ def test_lsh_bands_find_near_duplicates_and_skip_distant_texts() -> None:
         base = words_text(rng, 200)
         close = edited(base, rng, 4)            # ~4 words of 200 changed: J ~ 0.89
         far = edited(base, rng, 80)             # J ~ 0.15
-        keys = set(band_keys(signature(" ".join(base))))
-        found_close += bool(keys & set(band_keys(signature(" ".join(close)))))
-        found_far += bool(keys & set(band_keys(signature(" ".join(far)))))
+        keys = band_keys(signature(" ".join(base)))
+        found_close += bool((keys == band_keys(signature(" ".join(close)))).any())
+        found_far += bool((keys == band_keys(signature(" ".join(far)))).any())
     assert found_close == 300
     assert found_far <= 10
-    assert len(band_keys(signature("a b c d"))) == BANDS
+    assert band_keys(signature("a b c d")).shape == (1, BANDS)
 
 
 def test_template_stream_has_almost_no_near_duplicates_at_08() -> None:
@@ -92,16 +99,94 @@ def test_template_stream_has_almost_no_near_duplicates_at_08() -> None:
     dreamer = TemplateDreamer(spec="spec", seed=3)
     rng = random.Random(3)
     kinds = ["accept", "pushback", "derail", "general"]
-    sigs = [signature(dreamer.dream(kinds[i % 4], rng).text) for i in range(2000)]
-    buckets: dict[int, list[int]] = {}
-    near = set()
-    for i, sig in enumerate(sigs):
-        for key in band_keys(sig):
-            for j in buckets.get(key, []):
-                if similarity(sig, sigs[j]) >= 0.8:
-                    near.add(i)
-            buckets.setdefault(key, []).append(i)
+    sigs = np.stack([signature(dreamer.dream(kinds[i % 4], rng).text) for i in range(2000)])
+    equal = (sigs[:, None, :] == sigs[None, :, :]).sum(axis=2)      # every pair, no LSH
+    near = {i for i in range(len(sigs)) if (equal[i, :i] >= 0.8 * NUM_PERM).any()}
     assert len(near) / len(sigs) < 0.01, len(near)
+
+
+# ---- the band index -------------------------------------------------------------------------
+
+
+def test_k_equal_bands_hold_for_every_pair_at_the_threshold() -> None:
+    """Pigeonhole: signatures agreeing in >= threshold (>= 0.76) of their positions share >= k bands, also
+    when every differing position falls in a band of its own (the worst case)."""
+    rng = np.random.default_rng(0)
+    for threshold in (0.76, 0.8, 0.9, 1.0):            # below 0.76 k = 1 guarantees nothing
+        k = bands_needed(threshold)
+        differ_max = NUM_PERM - int(np.ceil(threshold * NUM_PERM - 1e-9))
+        base = rng.integers(0, 1 << 32, size=NUM_PERM, dtype=np.uint32)
+        for trial in range(50):
+            other = base.copy()
+            spread = trial % 2 == 0 and differ_max <= BANDS
+            where = (np.arange(differ_max) * (NUM_PERM // BANDS) if spread
+                     else rng.choice(NUM_PERM, size=differ_max, replace=False))
+            other[where] ^= 1
+            assert similarity(base, other) >= threshold
+            assert (band_keys(base) == band_keys(other)).sum() >= k
+    assert bands_needed(0.8) == 7 and bands_needed(0.75) == 1 and bands_needed(1.0) == BANDS
+
+
+def test_band_index_returns_the_rows_with_k_equal_bands() -> None:
+    """Against brute force, with heavy buckets (many signatures sharing bands), rows in the
+    sorted array and in the recent adds, and k from 1 to 32: every row with k equal bands, and
+    extra rows only where a 16-bit fingerprint collided (rare; the caller verifies signatures)."""
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 1 << 32, size=NUM_PERM, dtype=np.uint32)
+    sigs = rng.integers(0, 1 << 32, size=(3000, NUM_PERM), dtype=np.uint32)
+    for i in range(3000):                           # a shared "frame" in a random share of bands
+        share = rng.random(NUM_PERM // 4) < rng.choice([0.05, 0.3, 0.9])
+        mask = np.repeat(share, 4)
+        sigs[i, mask] = frame[mask]
+    keys = band_keys(sigs)
+    index = BandIndex(BANDS)
+    assert index.add(keys[:2000], bulk=True).tolist() == list(range(2000))
+    for i in range(2000, 2900):                      # one by one: some merged, the last ones not
+        assert index.add(keys[i:i + 1]).tolist() == [i]
+    assert index._recent and index.size == 2900
+    queries = np.concatenate([sigs[rng.choice(2900, 40)], frame[None, :],
+                              rng.integers(0, 1 << 32, size=(5, NUM_PERM), dtype=np.uint32)])
+    for q in queries:
+        equal = (keys[:2900] == band_keys(q)).sum(axis=1)
+        for k in (1, 2, 7, 12, 32):
+            got, _ = index.candidates(band_keys(q), k)
+            expected = np.flatnonzero(equal >= k)
+            assert set(expected) <= set(got) and list(got) == sorted(got), k
+            extra = np.setdiff1d(got, expected)
+            assert len(extra) <= max(1, len(expected) // 100), (k, len(extra))
+            assert (equal[extra] == k - 1).all()     # one band over-counted, never more
+
+
+def test_index_finds_what_brute_force_finds_on_template_scenarios(store: Store) -> None:
+    """The same recall as comparing every signature: planted near copies of stored template
+    scenarios and fresh draws, at 0.8 and 0.6 (k = 7 and k = 1)."""
+    run_id = store.start_run("r", "{}", "/m", 0)
+    cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 8)
+    dreamer, rng = TemplateDreamer(spec="spec", seed=9), random.Random(9)
+    kinds = ["accept", "pushback", "derail", "general"]
+    pool = [dreamer.dream(kinds[i % 4], rng) for i in range(700)]
+    ids = [stored(store, run_id, cycle_id, s) for s in pool]
+    index = NearDupIndex(store)
+    assert index.backfill() == len(pool)
+    sigs = {sid: signature(s.text) for sid, s in zip(ids, pool)}
+    matrix, order = np.stack(list(sigs.values())), list(sigs)
+    queries = [signature(dreamer.dream(kinds[i % 4], rng).text) for i in range(150)]
+    for s in pool[:150]:                                        # planted: a few words changed
+        words = s.text.split()
+        for i in rng.sample(range(len(words)), max(1, len(words) // 40)):
+            words[i] = "zz" + words[i]
+        queries.append(signature(" ".join(words)))
+    for threshold in (0.8, 0.6):
+        index.threshold, index.k = threshold, bands_needed(threshold)
+        hits = 0
+        for q in queries:
+            sims = (matrix == q).sum(axis=1) / NUM_PERM
+            best = int(np.argmax(sims))
+            expected = (order[best], float(sims[best])) if sims[best] >= threshold else None
+            hit = index.find_signature(q)
+            assert (None if hit is None else (hit.scenario_id, hit.similarity)) == expected
+            hits += hit is not None
+        assert hits >= 100          # most planted ones at least: the test is not vacuous
 
 
 # ---- the persisted index --------------------------------------------------------------------
@@ -167,10 +252,71 @@ def test_backfill_indexes_accepted_scenarios_only_once(store: Store) -> None:
     assert index.backfill() == 0
     with store.read() as s:
         ids = {r[0] for r in s.execute(text("SELECT scenario_id FROM minhash_signatures"))}
-        bands = s.execute(text("SELECT COUNT(*) FROM minhash_bands")).scalar()
         schemes = {r[0] for r in s.execute(text("SELECT DISTINCT scheme FROM minhash_signatures"))}
     assert ids == set(accepted) and rejected not in ids
-    assert bands == 7 * BANDS and schemes == {SCHEME}
+    assert schemes == {SCHEME} and index.bands.size == 7
+
+
+def test_a_store_from_before_0006_keeps_its_signatures(store_url: str) -> None:
+    """Signatures stored with their bands under the old scheme name: migration 0006 drops the
+    bands and renames the scheme (same values), so nothing is signed again and they are found."""
+    rng = random.Random(7)
+    old = Store.open(store_url)
+    old.upgrade("0005")
+    run_id = old.start_run("r", "{}", "/m", 0)
+    body = words_text(rng, 80)
+    s = scenario_of(" ".join(body))
+    sid = stored(old, run_id, old.start_cycle(run_id, 1, 1e-5, 0.25, 8), s)
+    with old.session() as sess:
+        sess.execute(text("INSERT INTO minhash_signatures (scenario_id, scheme, signature) VALUES (:i, :s, :b)"),
+                     {"i": sid, "s": "w3-crc32-p128-b32r4-s4e445550", "b": to_bytes(signature(s.text))})
+        sess.execute(text("INSERT INTO minhash_bands (scenario_id, band, band_key) VALUES (:i, :b, :k)"),
+                     [{"i": sid, "b": b, "k": 1000 + b} for b in range(BANDS)])
+    assert old.upgrade().to_revision == "0006"
+    with old.read() as sess:
+        tables = set(sess.connection().dialect.get_table_names(sess.connection()))
+        schemes = [r[0] for r in sess.execute(text("SELECT scheme FROM minhash_signatures"))]
+    assert "minhash_bands" not in tables and schemes == [SCHEME]
+    index = NearDupIndex(old)
+    assert index.backfill() == 0 and index.bands.size == 1
+    hit = index.find(scenario_of(" ".join(edited(body, rng, 1))))
+    assert hit is not None and hit.scenario_id == sid
+    old.close()
+
+
+def test_signatures_of_another_scheme_are_signed_again(store: Store) -> None:
+    """A row of a scheme this code does not compare: backfill replaces it (it used to skip the
+    scenario as already indexed and loop for ever) and the scenario is found afterwards."""
+    rng = random.Random(8)
+    run_id = store.start_run("r", "{}", "/m", 0)
+    body = words_text(rng, 80)
+    s = scenario_of(" ".join(body))
+    sid = stored(store, run_id, store.start_cycle(run_id, 1, 1e-5, 0.25, 8), s)
+    assert store.add_minhashes("w5-sha1-p64-s0", [(sid, bytes(256))]) == [sid]
+    index = NearDupIndex(store)
+    assert index.bands.size == 0 and index.find(s) is None
+    assert index.backfill() == 1 and index.backfill() == 0
+    with store.read() as sess:
+        rows = sess.execute(text("SELECT scheme, signature FROM minhash_signatures")).all()
+    assert [(r[0], bytes(r[1])) for r in rows] == [(SCHEME, to_bytes(signature(s.text)))]
+    hit = index.find(scenario_of(" ".join(edited(body, rng, 1))))
+    assert hit is not None and hit.scenario_id == sid
+
+
+def test_refresh_reads_what_another_process_indexed(store: Store) -> None:
+    rng = random.Random(10)
+    run_id = store.start_run("r", "{}", "/m", 0)
+    cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 8)
+    first, second = NearDupIndex(store), NearDupIndex(store)
+    bodies = [words_text(rng, 60) for _ in range(3)]
+    for body in bodies:
+        s = scenario_of(" ".join(body))
+        first.add(s, stored(store, run_id, cycle_id, s))
+    near = scenario_of(" ".join(edited(bodies[1], rng, 1)))
+    assert first.find(near) is not None and second.find(near) is None
+    second.REFRESH_S = 0.0                        # find() reads the store's news itself
+    assert second.find(near) is not None and second.bands.size == 3
+    assert first.refresh() == 0 and first.bands.size == second.bands.size == 3   # never twice
 
 
 def test_screener_orders_exact_before_near_duplicates(store: Store) -> None:

@@ -1,6 +1,6 @@
 """Near duplicates: MinHash signatures and LSH bands, persisted in the store.
 
-    index = NearDupIndex(store, threshold=cfg.screen.near_dup_threshold)
+    index = NearDupIndex(store, threshold=cfg.screen.near_dup_threshold, run_id=run_id)
     Screener(..., near_dups=index.problem)               # "Jaccard ~0.86 with scenario 17 ..."
     index.add(scenario, scenario_id)                      # only ACCEPTED scenarios, once stored
 
@@ -15,23 +15,31 @@ equal positions estimates the Jaccard similarity (standard error sqrt(J(1-J)/128
 J = 0.8). a and b are below 2^32, so a*x + b never overflows uint64 and the family is exactly
 universal (datasketch lets the product wrap).
 
-LSH: the signature is cut into BANDS = 32 bands of ROWS = 4; two texts become candidates when
-any band is equal, P = 1 - (1 - J^4)^32: 0.9998 at J = 0.7, 0.988 at 0.6, 0.87 at 0.5, 0.23 at
-0.3. The bands are fixed (not derived from the threshold), so a store's bands stay valid when
-the threshold changes; candidates are then verified on the full signature against the
-threshold. A threshold below 0.6 loses recall (allowed down to 0.5).
+LSH: the signature is cut into BANDS = 32 bands of ROWS = 4, each hashed to a key. A stored
+scenario is compared with the query when at least `k` of its 32 band keys are equal, k fitted to
+the threshold by pigeonhole (dreamd/dream/lsh.py): signatures that agree in m = ceil(128 t) of
+128 positions differ in at most 128 - m, so at least m - 96 bands are equal; k = m - 96 (7 at
+0.8) finds EVERY pair the signature check accepts (the same recall as comparing all signatures)
+while pairs that share a band or two through common frame words (J ~ 0.3-0.6) are never
+compared. Below t = 0.76, k = 1 (any equal band: P = 1 - (1 - J^4)^32, 0.988 at J = 0.6, 0.87
+at 0.5). The bands do not depend on the threshold; only k does.
 
-Persistence: `minhash_signatures` (scenario id -> 512-byte signature) and `minhash_bands`
-(scenario id, band, 64-bit key; indexed by key) in the store, so the check holds across
-restarts and across runs. A query is one indexed `key IN (32 keys)` lookup plus the candidates'
-signatures. Scenarios accepted before the tables existed are indexed by `backfill()`.
+Persistence: `minhash_signatures` (scenario id -> 512-byte signature, scheme) is the index's
+only storage, so the check holds across restarts and across runs. When the index opens it reads
+every signature into memory (768 bytes a scenario with its bands: ~0.75 GB at 1e6 stored, read
+in ~10 s) and builds the band index (`lsh.BandIndex`); a lookup is then bucket searches and one
+vectorised comparison of the candidates' signatures, without touching the store. An accepted
+scenario is written to the store and added in memory; `refresh()` reads what another process
+stored since. Scenarios accepted before the signature table existed (or signed under another
+SCHEME) are signed by `backfill()`.
 tests/test_neardup.py and benchmarks/neardup_bench.py measure it against datasketch.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 import re
+import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from dreamd.dream.lsh import BandIndex
 from dreamd.dream.scenario import Scenario, normalize_text
 
 NUM_PERM = 128
@@ -47,8 +56,10 @@ ROWS = 4
 SHINGLE = 3
 SEED = 0x4E44_5550  # "NDUP": fixed for ever, or stored signatures stop being comparable
 MERSENNE_61 = np.uint64((1 << 61) - 1)
-SCHEME = f"w{SHINGLE}-crc32-p{NUM_PERM}-b{BANDS}r{ROWS}-s{SEED:x}"
-"""Stored with every signature; signatures of another scheme are never compared."""
+SCHEME = f"w{SHINGLE}-crc32-p{NUM_PERM}-s{SEED:x}"
+"""Stored with every signature; signatures of another scheme are never compared (backfill()
+signs those scenarios again). Migration 0006 renamed the earlier 'w3-crc32-p128-b32r4-s4e445550'
+(the same signatures; its bands were stored, these are not)."""
 
 assert BANDS * ROWS == NUM_PERM
 
@@ -57,6 +68,11 @@ _A = _rng.integers(1, 1 << 32, size=NUM_PERM, dtype=np.uint64)[:, None]
 _B = _rng.integers(0, 1 << 32, size=NUM_PERM, dtype=np.uint64)[:, None]
 _WORD = re.compile(r"\w+")
 _MASK32 = np.uint64(0xFFFFFFFF)
+# Band keys: vector multiply-shift hashing of each band's 4 values (random 64-bit multipliers);
+# lsh.BandIndex keeps the top 27 bits. Computed in memory only, so changing it needs no migration.
+_band_rng = np.random.default_rng(SEED + 1)
+_BAND_MUL = _band_rng.integers(1, 1 << 63, size=(BANDS, ROWS), dtype=np.uint64) | np.uint64(1)
+_BAND_ADD = _band_rng.integers(0, 1 << 63, size=BANDS, dtype=np.uint64)
 
 
 def shingles(text: str) -> set[str]:
@@ -82,12 +98,21 @@ def signature(text: str) -> np.ndarray | None:
     return hashed.min(axis=1).astype(np.uint32)
 
 
-def band_keys(sig: np.ndarray) -> list[int]:
-    """One signed 64-bit key per band (BIGINT-safe); the band number is part of the key."""
-    rows = sig.astype("<u4").reshape(BANDS, ROWS)
-    return [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, salt=band.to_bytes(16, "little"))
-                           .digest(), "little", signed=True)
-            for band, row in enumerate(rows)]
+def band_keys(sigs: np.ndarray) -> np.ndarray:
+    """(n, BANDS) uint64 band keys of (n, NUM_PERM) signatures (one signature: (1, BANDS))."""
+    rows = np.asarray(sigs).reshape(-1, BANDS, ROWS)
+    if len(rows) <= 64:              # a lookup: fewest numpy calls
+        return (rows.astype(np.uint64) * _BAND_MUL).sum(axis=2, dtype=np.uint64) + _BAND_ADD
+    keys = np.broadcast_to(_BAND_ADD, (len(rows), BANDS)).copy()
+    for r in range(ROWS):            # column by column: no (n, 32, 4) uint64 temporary
+        keys += rows[:, :, r].astype(np.uint64) * _BAND_MUL[:, r]
+    return keys
+
+
+def bands_needed(threshold: float) -> int:
+    """k: equal bands every pair with similarity >= threshold has (pigeonhole; at least 1)."""
+    equal = math.ceil(threshold * NUM_PERM - 1e-9)   # positions that must agree
+    return max(1, BANDS - (NUM_PERM - equal))
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,17 +135,73 @@ class NearDup:
 
 
 class NearDupIndex:
-    """Near-duplicate lookups against every accepted scenario in `store` (a dreamd Store, or
-    anything with add_minhashes / minhash_candidates / accepted_without_minhash)."""
+    """Near-duplicate lookups against every accepted scenario of a run (or of every run) in `store` (a dreamd Store, or
+    anything with add_minhashes / minhash_page / accepted_without_minhash). Opening it reads
+    every stored signature of SCHEME into memory: the signatures (512 bytes each, compared
+    vectorised) and their band index (256 bytes each); a lookup does not touch the store."""
 
     CACHE = 256  # signatures kept between the screening rule and add() (same content hash)
+    PAGE = 50_000  # signatures per read while loading
+    REFRESH_S = 60.0  # find() reads other processes' additions at most this often
 
-    def __init__(self, store: Any, threshold: float = 0.8) -> None:
+    def __init__(self, store: Any, threshold: float = 0.8, run_id: int | None = None) -> None:
         if not 0.5 <= threshold <= 1.0:
             raise ValueError(f"near-duplicate threshold must be in [0.5, 1.0], got {threshold}")
         self.store = store
+        self.run_id = run_id
+        """The run whose scenarios are compared (None: every run in the store). One run never
+        repeats its own scenarios; another run's are not its concern (docs/sql.md, "Several
+        runs in one store")."""
         self.threshold = threshold
+        self.k = bands_needed(threshold)
+        self.bands = BandIndex(BANDS)      # bands of row r -> r
+        self._ids = np.empty(0, dtype=np.int64)              # row -> scenario id
+        self._sigs = np.empty((0, NUM_PERM), dtype=np.uint32)  # row -> signature
+        self.size = 0
         self._cache: OrderedDict[str, np.ndarray | None] = OrderedDict()
+        self._loaded_up_to = 0            # highest scenario id read from the store
+        self._added_above: set[int] = set()  # ids this process added above that (refresh skips them)
+        self.last_candidates = 0          # signatures the last lookup compared (benchmarks)
+        self.last_read = 0                # bucket entries the last lookup read (benchmarks)
+        self._refreshed_at = 0.0
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Read signatures stored since the last read (at open: all of them), e.g. by another
+        process writing to the same store. Returns how many were added to the index."""
+        added, self._refreshed_at = 0, time.monotonic()
+        while True:
+            page = self.store.minhash_page(SCHEME, after_id=self._loaded_up_to, limit=self.PAGE,
+                                           run_id=self.run_id)
+            if not page:
+                break
+            self._loaded_up_to = page[-1][0]
+            rows = [(sid, raw) for sid, raw in page if raw and sid not in self._added_above]
+            if rows:
+                ids = np.fromiter((sid for sid, _ in rows), dtype=np.int64, count=len(rows))
+                sigs = np.frombuffer(b"".join(raw for _, raw in rows), dtype="<u4").reshape(-1, NUM_PERM)
+                self._append(ids, sigs, bulk=True)
+                added += len(rows)
+        self._added_above = {i for i in self._added_above if i > self._loaded_up_to}
+        self.bands.finish_loading()
+        return added
+
+    def _append(self, ids: np.ndarray, sigs: np.ndarray, bulk: bool = False) -> None:
+        """New rows (capacity doubles: pages never written are not resident)."""
+        end = self.size + len(ids)
+        if end > len(self._ids):
+            cap = max(end, 2 * len(self._ids), 1024)
+            grown_ids, grown_sigs = np.empty(cap, dtype=np.int64), np.empty((cap, NUM_PERM), dtype=np.uint32)
+            grown_ids[:self.size], grown_sigs[:self.size] = self._ids[:self.size], self._sigs[:self.size]
+            self._ids, self._sigs = grown_ids, grown_sigs
+        self._ids[self.size:end], self._sigs[self.size:end] = ids, sigs
+        self.bands.add(band_keys(sigs), bulk=bulk)   # rows self.size .. end - 1, the same order
+        self.size = end
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held for the stored signatures: signatures, ids and bands."""
+        return self.size * (NUM_PERM * 4 + 8) + self.bands.nbytes
 
     def _signature(self, scenario: Scenario) -> np.ndarray | None:
         key = scenario.content_hash
@@ -134,16 +215,24 @@ class NearDupIndex:
         return sig
 
     def find(self, scenario: Scenario) -> NearDup | None:
-        """The most similar stored scenario at or above the threshold, or None."""
+        """The most similar stored scenario at or above the threshold, or None. Reads what
+        other processes stored first, when the last read is REFRESH_S old (one indexed query)."""
+        if time.monotonic() - self._refreshed_at >= self.REFRESH_S:
+            self.refresh()
         sig = self._signature(scenario)
-        if sig is None:
+        return None if sig is None else self.find_signature(sig)
+
+    def find_signature(self, sig: np.ndarray) -> NearDup | None:
+        """find() for a signature already computed."""
+        rows, self.last_read = self.bands.candidates(band_keys(sig), self.k)
+        self.last_candidates = len(rows)
+        if not len(rows):
             return None
-        best: NearDup | None = None
-        for scenario_id, raw in self.store.minhash_candidates(SCHEME, band_keys(sig)):
-            sim = similarity(sig, from_bytes(raw))
-            if sim >= self.threshold and (best is None or sim > best.similarity):
-                best = NearDup(scenario_id, sim)
-        return best
+        equal = (self._sigs[rows] == sig).sum(axis=1)
+        best = int(equal.max())
+        if best / NUM_PERM < self.threshold:
+            return None
+        return NearDup(int(self._ids[rows][equal == best].min()), best / NUM_PERM)  # ties: lowest id
 
     def problem(self, scenario: Scenario) -> str | None:
         """Screening rule: why `scenario` is a near duplicate, or None."""
@@ -158,22 +247,27 @@ class NearDupIndex:
         sig = self._signature(scenario)
         if sig is None:
             return False
-        self.store.add_minhashes(SCHEME, [(scenario_id, to_bytes(sig), band_keys(sig))])
+        self._index([(scenario_id, sig)])
         return True
 
+    def _index(self, rows: list[tuple[int, np.ndarray | None]]) -> None:
+        """Store signatures (None: a scenario without words, stored empty, never a candidate)
+        in one transaction; put the ones newly stored into the band index."""
+        new = set(self.store.add_minhashes(SCHEME, [(sid, b"" if sig is None else to_bytes(sig))
+                                                    for sid, sig in rows]))
+        fresh = [(sid, sig) for sid, sig in rows if sid in new and sig is not None]
+        if fresh:
+            self._append(np.array([sid for sid, _ in fresh]), np.stack([sig for _, sig in fresh]))
+            self._added_above.update(sid for sid, _ in fresh if sid > self._loaded_up_to)
+
     def backfill(self, batch: int = 500) -> int:
-        """Index accepted scenarios that have no signature yet (stored before migration 0002,
-        or by a process that crashed between storing and indexing). Returns how many."""
+        """Index accepted scenarios that have no signature of SCHEME yet (stored before
+        migration 0002, under another scheme, or by a process that crashed between storing and
+        indexing). Returns how many."""
         done = 0
         while True:
-            missing = self.store.accepted_without_minhash(SCHEME, limit=batch)
+            missing = self.store.accepted_without_minhash(SCHEME, limit=batch, run_id=self.run_id)
             if not missing:
                 return done
-            rows = []
-            for scenario_id, scenario in missing.items():
-                sig = signature(scenario.text)
-                # No words: an empty signature without bands marks it done (never a candidate).
-                rows.append((scenario_id, b"", []) if sig is None
-                            else (scenario_id, to_bytes(sig), band_keys(sig)))
-            self.store.add_minhashes(SCHEME, rows)  # one transaction per batch
-            done += len(rows)
+            self._index([(sid, signature(sc.text)) for sid, sc in missing.items()])
+            done += len(missing)

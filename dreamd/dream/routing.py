@@ -146,13 +146,13 @@ def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any,
     """The writers of a run (called once by run.open_run, which builds the screener around
     them): the template dreamer, the model dreamer when dream.source asks for it, and the
     near-duplicate index they feed. Accepted scenarios enter the index as the cycle stores
-    them; any accepted scenario not yet indexed (a store from before migration 0002) is
-    indexed now."""
+    them; any accepted scenario not yet indexed (a store from before migration 0002, or signed
+    under another scheme) is indexed now."""
     from dreamd.dream.model_dreamer import ModelDreamer
     from dreamd.dream.taxonomy import load_memories, load_taxonomy
     from dreamd.dream.templates import TemplateDreamer
 
-    near_dups = NearDupIndex(store, threshold=cfg.screen.near_dup_threshold)
+    near_dups = NearDupIndex(store, threshold=cfg.screen.near_dup_threshold, run_id=run_id)
     indexed = near_dups.backfill()
     if indexed:
         log.info("dream.near_dup_backfill", indexed=indexed)

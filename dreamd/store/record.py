@@ -39,7 +39,6 @@ from dreamd.store.tables import (
     Decision,
     Eval,
     Event,
-    MinhashBand,
     MinhashSignature,
     Phase,
     RunRow,
@@ -541,39 +540,48 @@ class Store(Database):
                     for r, number in s.execute(query)]
 
     # ---- near duplicates (dreamd/dream/neardup.py) -------------------------------------------
-    def add_minhashes(self, scheme: str, rows: Sequence[tuple[int, bytes, Sequence[int]]]) -> None:
+    def add_minhashes(self, scheme: str, rows: Sequence[tuple[int, bytes]]) -> list[int]:
         """Index accepted scenarios for the near-duplicate check, in one transaction: per row
-        (scenario id, signature bytes, band keys). A scenario already indexed is left as it is."""
+        (scenario id, signature bytes; empty for a scenario without words). A scenario already
+        indexed under `scheme` is left as it is; one indexed under another scheme is replaced.
+        Returns the ids stored now."""
         if not rows:
-            return
+            return []
+        ids = [r[0] for r in rows]
         with self.session() as s:
-            have = set(s.scalars(select(MinhashSignature.scenario_id)
-                                 .where(MinhashSignature.scenario_id.in_([r[0] for r in rows]))))
-            new = {sid: (sig, keys) for sid, sig, keys in rows if sid not in have}
-            if not new:
-                return
-            s.execute(insert(MinhashSignature),
-                      [{"scenario_id": sid, "scheme": scheme, "signature": sig}
-                       for sid, (sig, _) in new.items()])
-            bands = [{"scenario_id": sid, "band": band, "band_key": key}
-                     for sid, (_, keys) in new.items() for band, key in enumerate(keys)]
-            if bands:
-                s.execute(insert(MinhashBand), bands)
+            have = {r[0]: r[1] for r in s.execute(select(MinhashSignature.scenario_id, MinhashSignature.scheme)
+                                                  .where(MinhashSignature.scenario_id.in_(ids)))}
+            stale = [sid for sid, old in have.items() if old != scheme]
+            if stale:
+                s.execute(delete(MinhashSignature).where(MinhashSignature.scenario_id.in_(stale)))
+            new = {sid: sig for sid, sig in rows if have.get(sid) != scheme}
+            if new:
+                s.execute(insert(MinhashSignature),
+                          [{"scenario_id": sid, "scheme": scheme, "signature": sig} for sid, sig in new.items()])
+            return list(new)
 
-    def minhash_candidates(self, scheme: str, band_keys: Sequence[int]) -> list[tuple[int, bytes]]:
-        """(scenario id, signature) of every indexed scenario sharing a band key."""
-        ids = (select(MinhashBand.scenario_id).where(MinhashBand.band_key.in_(list(band_keys)))
-               .distinct())
+    def minhash_page(self, scheme: str, after_id: int, limit: int,
+                     run_id: int | None = None) -> list[tuple[int, bytes]]:
+        """(scenario id, signature) of `scheme` with id > after_id, by id, at most `limit`
+        (the near-duplicate index reads the whole table this way when it opens); with a run
+        id, only that run's scenarios (docs/sql.md "Several runs in one store")."""
+        query = (select(MinhashSignature.scenario_id, MinhashSignature.signature)
+                 .where(MinhashSignature.scenario_id > after_id, MinhashSignature.scheme == scheme))
+        if run_id is not None:
+            query = query.join(ScenarioRow, ScenarioRow.id == MinhashSignature.scenario_id) \
+                .where(ScenarioRow.run_id == run_id)
         with self.read() as s:
-            return [(r.scenario_id, r.signature) for r in s.execute(
-                select(MinhashSignature.scenario_id, MinhashSignature.signature)
-                .where(MinhashSignature.scenario_id.in_(ids), MinhashSignature.scheme == scheme))]
+            return [(r[0], bytes(r[1])) for r in s.execute(
+                query.order_by(MinhashSignature.scenario_id).limit(limit))]
 
-    def accepted_without_minhash(self, scheme: str, limit: int = 500) -> dict[int, Scenario]:
-        """Accepted scenarios not yet indexed under `scheme` (oldest first), at most `limit`."""
+    def accepted_without_minhash(self, scheme: str, limit: int = 500,
+                                 run_id: int | None = None) -> dict[int, Scenario]:
+        """Accepted scenarios not yet indexed under `scheme` (oldest first), at most `limit`;
+        with a run id, only that run's."""
         indexed = select(MinhashSignature.scenario_id).where(MinhashSignature.scheme == scheme)
+        query = select(ScenarioRow.id).where(ScenarioRow.status == "accepted", ScenarioRow.id.not_in(indexed))
+        if run_id is not None:
+            query = query.where(ScenarioRow.run_id == run_id)
         with self.read() as s:
-            ids = list(s.scalars(select(ScenarioRow.id)
-                                 .where(ScenarioRow.status == "accepted", ScenarioRow.id.not_in(indexed))
-                                 .order_by(ScenarioRow.id).limit(limit)))
+            ids = list(s.scalars(query.order_by(ScenarioRow.id).limit(limit)))
         return self.load_scenarios(ids) if ids else {}

@@ -315,9 +315,10 @@ class Phase(Base):
 
 class MinhashSignature(Base):
     """The MinHash signature of an ACCEPTED scenario (dreamd/dream/neardup.py), so the
-    near-duplicate check holds across restarts and runs. `scheme` names the hashing setup; only
-    signatures of the current scheme are compared. An empty signature marks a scenario without
-    words (never a near duplicate of anything)."""
+    near-duplicate check holds across restarts and runs; the index's LSH bands are computed
+    from these in memory when it opens (migration 0006 dropped the stored bands). `scheme` names
+    the hashing setup; only signatures of the current scheme are compared. An empty signature
+    marks a scenario without words (never a near duplicate of anything)."""
 
     __tablename__ = "minhash_signatures"
 
@@ -326,13 +327,3 @@ class MinhashSignature(Base):
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = created_at_column()
 
-
-class MinhashBand(Base):
-    """One LSH band of a signature: two scenarios sharing any `band_key` are compared on their
-    full signatures. 32 rows per indexed scenario."""
-
-    __tablename__ = "minhash_bands"
-
-    scenario_id: Mapped[int] = mapped_column(ForeignKey("scenarios.id"), primary_key=True)
-    band: Mapped[int] = mapped_column(Integer, primary_key=True)
-    band_key: Mapped[int] = mapped_column(BigInteger, index=True)
