@@ -28,6 +28,11 @@ evals measured before the first cycle):
               still. Not while forgetting or while the change is too large.
   keep        otherwise.
 
+A cycle without the full evaluation suite (eval.full_every > 1) has no q1.* and no exact match:
+every rule reads metrics with .get and checks what the cycle measured, so the guardrails on
+q1.sycophancy and forget.arith_em act on the cycles that measure them (the full suite, every
+full_every-th cycle), while perplexity, the margins and the probe checks are judged every cycle.
+
 Forgetting combines with slow_down (action 'raise_general_share+slow_down'). lr stays within
 train.lr_min..lr_max, examples within examples_min..examples_max, general share never drops.
 `decide` is a pure function of the settings and the numbers; it imports neither the run nor the
