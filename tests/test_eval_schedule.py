@@ -28,14 +28,15 @@ ENV = {  # small cycles and the full suite after every 2nd cycle: cycle 1 cheap,
     "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "256",
     "DREAMD_EVAL__FULL_EVERY": "2",
 }
-GENERATED = {"q1.listen_rate", "q1.pushback_rate", "q1.balanced", "q1.sycophancy", "q1.mule_rate",
+FULL_ONLY = {"q1.listen_rate", "q1.pushback_rate", "q1.balanced", "q1.sycophancy", "q1.mule_rate",
              "q1.unclear_rate", "q1.derail_rate", "q1.judge_listen_rate", "q1.judge_pushback_rate",
-             "steer.own_sound", "steer.own_flawed", "steer.separation", "forget.arith_em", "forget.code_em"}
-"""What only the full suite measures (it needs generated replies)."""
+             "steer.own_sound", "steer.own_flawed", "steer.separation", "forget.arith_em", "forget.code_em",
+             "q3.shift_mean", "q3.shift_max", "q3.direction_mass", "q3.direction_mass_delta", "calib.auroc",
+             "calib.p_true_gap"}
+"""What only the full suite measures (generated replies; the Q3 and calibration diagnostics)."""
 CHEAP = {"forget.perplexity", "forget.nll", "forget.arith_logprob", "forget.code_logprob", "margin.accept",
-         "margin.pushback", "margin.derail", "margin.mean", "steer.consistency", "q3.shift_mean", "q3.shift_max",
-         "q3.direction_mass", "q3.direction_mass_delta", "calib.auroc", "calib.p_true_gap"}
-"""What every evaluation measures (forward passes over fixed text)."""
+         "margin.pushback", "margin.derail", "margin.mean", "steer.consistency"}
+"""What every evaluation measures (what the controller reads, off forward passes over fixed text)."""
 TIMING = "probes.seconds"
 
 
@@ -74,7 +75,7 @@ def test_full_suite_at_the_start_and_every_full_every_th_cycle(ran) -> None:
     for number, full in ((0, True), (1, False), (2, True), (3, False)):
         names = set(ran.by_cycle[number])
         assert CHEAP <= names, (number, CHEAP - names)
-        assert (GENERATED <= names) if full else not (GENERATED & names), (number, GENERATED & names)
+        assert (FULL_ONLY <= names) if full else not (FULL_ONLY & names), (number, FULL_ONLY & names)
         assert ran.details[number][TIMING]["suite"] == ("full" if full else "cheap")
         assert ("generate" in ran.details[number][TIMING]) and (ran.details[number][TIMING]["generate"] > 0) == full
     for number in (1, 2, 3):  # the guardrail's overlap check runs after every cycle
