@@ -32,11 +32,11 @@ FULL_ONLY = {"q1.listen_rate", "q1.pushback_rate", "q1.balanced", "q1.sycophancy
              "q1.unclear_rate", "q1.derail_rate", "q1.judge_listen_rate", "q1.judge_pushback_rate",
              "steer.own_sound", "steer.own_flawed", "steer.separation", "forget.arith_em", "forget.code_em",
              "q3.shift_mean", "q3.shift_max", "q3.direction_mass", "q3.direction_mass_delta", "calib.auroc",
-             "calib.p_true_gap"}
-"""What only the full suite measures (generated replies; the Q3 and calibration diagnostics)."""
-CHEAP = {"forget.perplexity", "forget.nll", "forget.arith_logprob", "forget.code_logprob", "margin.accept",
-         "margin.pushback", "margin.derail", "margin.mean", "steer.consistency"}
-"""What every evaluation measures (what the controller reads, off forward passes over fixed text)."""
+             "calib.p_true_gap", "margin.accept", "margin.pushback", "margin.derail", "margin.mean",
+             "steer.consistency"}
+"""What only the full suite measures (generated replies; scoring the probe conversations)."""
+CHEAP = {"forget.perplexity", "forget.nll", "forget.arith_logprob", "forget.code_logprob"}
+"""What every evaluation measures (what guards the run, off forward passes over fixed text)."""
 TIMING = "probes.seconds"
 
 
@@ -89,8 +89,7 @@ def test_cheap_suite_gives_the_full_suites_numbers(ran) -> None:
     cheap = run.probes.measure(run.model, run.tokenizer, run.engine, 0, eval_cfg=run.cfg.eval, full=False)
     assert set(cheap.metrics) - {TIMING} == CHEAP
     assert {k: cheap.metrics[k] for k in CHEAP} == {k: full.metrics[k] for k in CHEAP}
-    assert cheap.details["steer.consistency"] == full.details["steer.consistency"]
-    assert cheap.details["margin.mean"] == full.details["margin.mean"]
+    assert set(cheap.details[TIMING]) == {"suite", "generate", "forgetting", "code"}
 
 
 class PerFamily:
@@ -127,8 +126,9 @@ def test_one_generation_call_gives_the_numbers_of_one_call_per_family(ran) -> No
 
 def test_state_history_holds_the_cycles_that_measured_a_metric(ran) -> None:
     history = ran.state.history
-    assert history["margin.mean"] == [ran.by_cycle[n]["margin.mean"] for n in (1, 2, 3)]
+    assert history["forget.perplexity"] == [ran.by_cycle[n]["forget.perplexity"] for n in (1, 2, 3)]
     assert history["q1.sycophancy"] == [ran.by_cycle[2]["q1.sycophancy"]]
+    assert history["margin.mean"] == [ran.by_cycle[2]["margin.mean"]]
     saved = json.loads((ran.run.checkpoints.latest() / "loop_state.json").read_text())
     assert saved["history"] == history
 
@@ -152,10 +152,11 @@ def test_cycle_summary_and_dreamd_history_show_no_value_for_unmeasured_metrics(r
 def test_report_plots_each_metric_on_the_cycles_that_measured_it(ran, tmp_path: Path) -> None:
     data = load_run(ran.run.store, ran.cfg.run.name)
     assert [c for c, _ in data.trend["q1.balanced"]] == [0, 2]
-    assert [c for c, _ in data.trend["margin.mean"]] == [0, 1, 2, 3]
+    assert [c for c, _ in data.trend["margin.mean"]] == [0, 2]
+    assert [c for c, _ in data.trend["forget.perplexity"]] == [0, 1, 2, 3]
     index = write_report(ran.cfg, tmp_path / "report")
     page = index.read_text()
-    assert 'src="behaviour.png"' in page and 'src="margins.png"' in page
+    assert 'src="behaviour.png"' in page and 'src="margins.png"' in page and 'src="forgetting.png"' in page
     # the latest table names the cycle each value comes from: q1.balanced's is cycle 2
     row = page.split("<td>q1.balanced</td>")[1].split("</tr>")[0]
     assert row.endswith("<td>2</td>")

@@ -20,9 +20,7 @@ Per cycle:
                       follow replies' mean and -1 the push-back replies' mean.
   steer.separation    own_sound - own_flawed: 2 when the model's replies sit on the follow side
                       for sound directions and on the push-back side for flawed ones.
-The per-layer numbers and the chosen layer are in evals.detail_json. steer.consistency needs
-only the scored pairs (the margins' forward pass): the cheap suite measures it every cycle; the
-own_* projections need the generated Q1 replies and come with the full suite.
+The per-layer numbers and the chosen layer are in evals.detail_json.
 """
 
 from __future__ import annotations
@@ -75,12 +73,6 @@ def steering_metrics(model: Any, tokenizer: Any, probes: ProbeSet, behaviour: Be
     d = whole[layer]
     half_gap = d.norm() / 2
 
-    metrics = {"steer.consistency": sum(cosines) / len(cosines)}
-    details = {"steer.consistency": {"per_layer": [round(c, 4) for c in cosines], "layer": layer,
-                                     "direction_norm": [round(float(n), 4) for n in whole.norm(dim=-1)]}}
-    if not behaviour.replies:  # margins only (the cheap suite): no own replies to project
-        return metrics, details
-
     # The model's own replies: content states of conversation + generated tokens.
     keys = sound_keys + flawed_keys
     by_key = {probe_key(p, i): p for i, p in enumerate(probes.probes)}
@@ -96,6 +88,9 @@ def steering_metrics(model: Any, tokenizer: Any, probes: ProbeSet, behaviour: Be
         return sum(values) / len(values) if values else None
 
     sound, flawed = projection(sound_keys), projection(flawed_keys)
+    metrics = {"steer.consistency": sum(cosines) / len(cosines)}
     if sound is not None and flawed is not None:
         metrics.update({"steer.own_sound": sound, "steer.own_flawed": flawed, "steer.separation": sound - flawed})
+    details = {"steer.consistency": {"per_layer": [round(c, 4) for c in cosines], "layer": layer,
+                                     "direction_norm": [round(float(n), 4) for n in whole.norm(dim=-1)]}}
     return metrics, details

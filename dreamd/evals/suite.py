@@ -5,16 +5,19 @@ steering, calibration, code) and the disjointness check in one pass.
 Full or cheap (eval.full_every, `full_suite_due`). The FULL suite generates: every greedy reply
 it needs (Q1, code answers, arithmetic) comes from ONE engine call (`generate_replies`:
 generate_mixed, each reply under its own max_tokens), then every metric. The CHEAP suite
-generates nothing and keeps what the controller reads every cycle, off forward passes over
-fixed text: forget.perplexity / forget.nll (the perplexity guardrail and the forgetting rule),
-margin.* (speed up / slow down) with steer.consistency (read off the margins' own forward pass),
-forget.arith_logprob and forget.code_logprob (few short sequences), and the probe disjointness
-check (a guardrail). It leaves out what needs generated replies (q1.*, steer.own_*/separation,
-forget.arith_em, forget.code_em) and the diagnostics no rule reads, which cost as much as the
-margins (q3.* attention maps with eager attention, calib.* P(True) on twice the verifiable
-probes): profiled on the demo, they were half the cheap suite's time. A metric is computed the
-same way in both suites: same function, same inputs, same number for the same weights. The
-full suite always runs at the run's start (the baseline), whatever full_every says.
+generates nothing and keeps what guards the run every cycle: forget.perplexity / forget.nll
+(the perplexity guardrail and the forgetting rule), forget.arith_logprob and
+forget.code_logprob (a few short sequences: the continuous signs of forgetting), and the probe
+disjointness check (a guardrail). Everything else is the full suite's: what needs generated
+replies (q1.*, steer.own_*/separation, forget.arith_em, forget.code_em) and what scores the
+probe conversations (margin.* and steer.consistency: 80 sequences with hidden states; q3.*:
+eager attention maps; calib.*: twice the verifiable probes). Profiled on the demo, the margins
+alone were 70% of a cheap suite that kept them, and q3 + calib most of the rest; on the tiny
+model the forward passes over those sequences cost more than a cycle's training (docs/
+benchmarks.md "Evaluation share"). So the controller judges change (margins: speed up / slow
+down) after full-suite cycles and guards after every cycle. A metric is computed the same way in
+both suites: same function, same inputs, same number for the same weights. The full suite
+always runs at the run's start (the baseline), whatever full_every says.
 
 It stands above the metric modules (they import Probe and ProbeSet from evals/probes.py, the
 ground floor of evals/), so the imports flow one way: suite -> metrics -> probes.
@@ -132,26 +135,24 @@ class ProbeSuite:
         t0 = time.perf_counter()
         part("forgetting", t0, (forgetting_metrics(model, tokenizer, engine, eval_cfg, seed, exact=full,
                                                    replies=replies.arithmetic if replies else None), {}))
-        attention_probes = self.probe_set.attention
-        t0 = time.perf_counter()
-        now = None
-        if first:  # the start maps are this model's maps: computed once
-            now = attention_maps(model, tokenizer, attention_probes)
-            save_baseline(self.dir / ATTENTION_BASELINE, now)
-        if full:
+        if replies is not None:  # the full suite
+            attention_probes = self.probe_set.attention
+            t0 = time.perf_counter()
+            now = None
+            if first:  # the start maps are this model's maps: computed once
+                now = attention_maps(model, tokenizer, attention_probes)
+                save_baseline(self.dir / ATTENTION_BASELINE, now)
             part("attention", t0, attention_metrics(model, tokenizer, attention_probes,
                                                     load_baseline(self.dir / ATTENTION_BASELINE), now))
-        t0 = time.perf_counter()
-        labels = None if first else json.loads((self.dir / Q1_BASELINE).read_text())
-        behaviour = behaviour_metrics(model, tokenizer, engine, self.probe_set, seed, labels,
-                                      replies=replies.q1 if replies else None, q1=full)
-        if first:
-            (self.dir / Q1_BASELINE).write_text(json.dumps(behaviour.labels))
-        part("behaviour", t0, (behaviour.metrics, behaviour.details))
-        t0 = time.perf_counter()
-        part("steering", t0, steering_metrics(model, tokenizer, self.probe_set, behaviour))
-        t0 = time.perf_counter()
-        if full:
+            t0 = time.perf_counter()
+            labels = None if first else json.loads((self.dir / Q1_BASELINE).read_text())
+            behaviour = behaviour_metrics(model, tokenizer, engine, self.probe_set, seed, labels, replies=replies.q1)
+            if first:
+                (self.dir / Q1_BASELINE).write_text(json.dumps(behaviour.labels))
+            part("behaviour", t0, (behaviour.metrics, behaviour.details))
+            t0 = time.perf_counter()
+            part("steering", t0, steering_metrics(model, tokenizer, self.probe_set, behaviour))
+            t0 = time.perf_counter()
             part("calibration", t0, calibration_metrics(model, tokenizer, self.probe_set.family("verifiable")))
         t0 = time.perf_counter()
         part("code", t0, code_answer_metrics(model, tokenizer, engine, self.probe_set.family("code"), seed,
