@@ -1,7 +1,9 @@
-"""Evaluation share of cycle time, from a run's store (docs/benchmarks.md "Evaluation share").
+"""Evaluation cost: its share of cycle time, and its one generation call (docs/benchmarks.md
+"Evaluation share").
 
     .venv/bin/python benchmarks/eval_share.py run DIR --cycles 10 [--model NAME] [--full-every K]
     .venv/bin/python benchmarks/eval_share.py table STATE_DIR [STATE_DIR ...]
+    .venv/bin/python benchmarks/eval_share.py batching [--rounds 4] [--engine auto|transformers]
 
 `run` makes a `dreamd init` setup in DIR (the tiny demo model, or `--model NAME`, e.g.
 smollm2-135m-instruct), pins run.threads = 1 and runs `dreamd run --cycles N --now` with the
@@ -14,6 +16,16 @@ which suite ran (evals 'probes.seconds' detail; 'full' when the run predates the
 the mean evaluate time of full and cheap cycles and the share they give at full_every = k, for a
 cycle whose other phases take their measured mean: (full + (k-1) cheap) / (k other + full +
 (k-1) cheap). Several state dirs: one table each, one after the other (same process, same box).
+
+`batching` makes a `dreamd init` setup (tiny demo model) in a temp dir, opens its run (the
+engine as the config picks it: vLLM's CPU build where installed, else transformers; --engine
+forces one),
+pins 1 torch thread, then in interleaved rounds measures the full suite (ProbeSuite.measure)
+twice on the same weights: with the engine (every Q1, code and arithmetic reply in ONE
+generate_mixed call) and through a wrapper that only has generate() (engines.base.generate_each
+then makes one call per Sampling: Q1, code, arithmetic, as the metrics did before). It checks
+that both give the same metrics and prints the medians of the 'generate' part and of the whole
+evaluation, and their ratio (one call / per family), measured in the same process.
 """
 
 from __future__ import annotations
@@ -23,8 +35,10 @@ import json
 import os
 import re
 import sqlite3
+import statistics
 import subprocess
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -101,6 +115,55 @@ def run(root: Path, cycles_n: int, model: str | None, full_every: int | None) ->
     table(root / "state")
 
 
+class PerFamily:
+    """The engine with generate() only: one call per distinct Sampling (the old path)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def generate(self, conversations, sampling):
+        return self.engine.generate(conversations, sampling)
+
+
+def batching(rounds: int, engine_kind: str) -> None:
+    import torch
+
+    from dreamd.config_file import load_config, to_toml
+    from dreamd.init import init_dir
+    from dreamd.run import open_run
+
+    torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp(prefix="dreamd-evalbatch-"))
+    cfg_path = init_dir(root / "setup", arch="llama", seed=0)
+    cfg = load_config(cfg_path, environ={})
+    cfg.run.threads = 1
+    if engine_kind != "auto":
+        cfg.engine.kind = engine_kind
+    cfg_path.write_text(to_toml(cfg))
+    cfg = load_config(cfg_path, environ={})
+    run, _ = open_run(cfg)
+    print(f"engine {type(run.engine).__name__}, {rounds} rounds, 1 torch thread")
+    timing = "probes.seconds"
+    ways = {"one call": run.engine, "per family": PerFamily(run.engine)}
+    got: dict[str, dict[str, list[float]]] = {w: {"generate": [], "total": []} for w in ways}
+    reference = None
+    for _ in range(rounds):
+        for way, engine in ways.items():
+            m = run.probes.measure(run.model, run.tokenizer, engine, cfg.run.seed, eval_cfg=cfg.eval)
+            got[way]["generate"].append(m.details[timing]["generate"])
+            got[way]["total"].append(m.metrics[timing])
+            values = {k: v for k, v in m.metrics.items() if k != timing}
+            reference = reference or values
+            assert values == reference, f"{way}: metrics differ"
+    print("same metrics both ways:", len(reference), "metrics")
+    print(f"{'':12} {'generate s':>10} {'evaluation s':>12}")
+    med = {w: {k: statistics.median(v) for k, v in parts.items()} for w, parts in got.items()}
+    for way in ways:
+        print(f"{way:12} {med[way]['generate']:>10.3f} {med[way]['total']:>12.3f}")
+    print(f"{'ratio':12} {med['one call']['generate'] / med['per family']['generate']:>10.2f} "
+          f"{med['one call']['total'] / med['per family']['total']:>12.2f}   (one call / per family, medians)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -111,9 +174,14 @@ if __name__ == "__main__":
     r.add_argument("--full-every", type=int, default=None)
     t = sub.add_parser("table")
     t.add_argument("state_dirs", type=Path, nargs="+")
+    b = sub.add_parser("batching")
+    b.add_argument("--rounds", type=int, default=4)
+    b.add_argument("--engine", choices=["auto", "transformers"], default="auto")
     args = parser.parse_args()
     if args.cmd == "run":
         run(args.dir, args.cycles, args.model, args.full_every)
+    elif args.cmd == "batching":
+        batching(args.rounds, args.engine)
     else:
         for d in args.state_dirs:
             table(d)
