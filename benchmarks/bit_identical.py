@@ -8,7 +8,8 @@
 CPU), one torch thread, and dream.source = --source: 'template' (default) or 'mixed' (the model
 dreamer's path and the template fallback both run; use it when the dreamer's prompts are not
 changing between the two versions compared), and controller.wait_steps = --wait-steps when given
-(0: the controller speeds up, slows down or rolls back from the first cycle). It then fingerprints the store and the newest checkpoint:
+(0: the controller speeds up, slows down or rolls back from the first cycle), and
+eval.full_every = --full-every (default 1: every metric every cycle, as before the field existed). It then fingerprints the store and the newest checkpoint:
 
 - every active optimizer step: step, loss, grad norm, lr, tokens, and the ids and content hashes
   of the scenarios it trained (exact float reprs: bit-identical or different);
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "_s", "per_s", "wall", "ms")
 
 
-def run(out: Path, cycles: int, source: str, wait_steps: int | None = None) -> None:
+def run(out: Path, cycles: int, source: str, wait_steps: int | None = None, full_every: int = 1) -> None:
     from dreamd.config_file import load_config, to_toml
     from dreamd.init import init_dir
 
@@ -49,6 +50,7 @@ def run(out: Path, cycles: int, source: str, wait_steps: int | None = None) -> N
     cfg.mix.examples_per_cycle = 16
     if wait_steps is not None:
         cfg.controller.wait_steps = wait_steps
+    cfg.eval.full_every = full_every
     cfg_path.write_text(to_toml(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMD_")}
     env.update(OMP_NUM_THREADS="1", DREAMD_LOG_FORMAT="json", PYTHONPATH=str(ROOT))
@@ -123,11 +125,13 @@ if __name__ == "__main__":
     r.add_argument("--source", choices=["template", "mixed"], default="template")
     r.add_argument("--wait-steps", type=int, default=None,
                    help="controller.wait_steps (default: the config's); 0 makes every cycle's decision count")
+    r.add_argument("--full-every", type=int, default=1,
+                   help="eval.full_every (default 1: the full evaluation suite after every cycle)")
     c = sub.add_parser("compare")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
     args = parser.parse_args()
     if args.cmd == "run":
-        run(args.out, args.cycles, args.source, args.wait_steps)
+        run(args.out, args.cycles, args.source, args.wait_steps, args.full_every)
     else:
         sys.exit(compare(args.before, args.after))

@@ -57,10 +57,11 @@ SETTINGS = {
     "DREAMD_CONTROLLER__EXAMPLES_MAX": "512",
     "DREAMD_EVAL__ARITHMETIC_N": "16",
     "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "2048",
+    "DREAMD_EVAL__FULL_EVERY": "1",  # every metric after every cycle: the trends below are per cycle
 }
 REAL_RUNS = {"balanced": {}, "accept_only": {"DREAMD_MIX__PUSHBACK": "0.0"},
              "no_self": {"DREAMD_MIX__SELF_FACTS": "0.0"}}
-REAL_SETTINGS = {"DREAMD_DREAM__SOURCE": "template", "DREAMD_RUN__THREADS": "1"}
+REAL_SETTINGS = {"DREAMD_DREAM__SOURCE": "template", "DREAMD_RUN__THREADS": "1", "DREAMD_EVAL__FULL_EVERY": "1"}
 PER_CYCLE = ["margin.accept", "margin.pushback", "margin.derail", "q1.listen_rate", "q1.pushback_rate",
              "q1.sycophancy", "q1.derail_rate", "q1.unclear_rate", "q3.shift_mean", "q3.direction_mass",
              "forget.perplexity", "forget.arith_em", "forget.arith_logprob", "forget.code_em", "calib.auroc"]

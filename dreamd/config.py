@@ -352,6 +352,14 @@ class EvalConfig(Section):
     """Tokens of held-out text scored per evaluation."""
     arithmetic_n: Annotated[int, Field(ge=1)] = 32
     """Number of fixed arithmetic prompts scored by exact match (greedy decoding)."""
+    full_every: Annotated[int, Field(ge=1, le=1000)] = 10
+    """The full evaluation suite (Q1, margins, Q3, steering, calibration, arithmetic and code
+    exact match) runs after every full_every-th cycle (cycle numbers divisible by it) and at the
+    run's start; the cycles between get the cheap suite, which generates nothing: perplexity,
+    arithmetic and code log-probs and the probe overlap check. 1: the full suite every cycle.
+    The controller guards every cycle (perplexity, overlap) and acts on the full suite's
+    metrics (margins: speed up / slow down; q1.sycophancy, forget.arith_em guardrails) on the
+    cycles that measure them (evals/suite.py; docs/benchmarks.md "Evaluation share")."""
 
 
 class CheckpointConfig(Section):

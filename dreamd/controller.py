@@ -28,6 +28,13 @@ evals measured before the first cycle):
               still. Not while forgetting or while the change is too large.
   keep        otherwise.
 
+A cycle without the full evaluation suite (eval.full_every > 1) has perplexity, the log-probs
+and the probe checks only: every rule reads metrics with .get and checks what the cycle
+measured. So the perplexity guardrail, the probe guardrails and the forgetting rule act after
+every cycle; the guardrails on q1.sycophancy and forget.arith_em, too large (push-back rate,
+margins) and too small (margin.mean against the previous cycle that measured it) act after the
+full-suite cycles (every full_every-th); after the others the decision is keep unless guarded.
+
 Forgetting combines with slow_down (action 'raise_general_share+slow_down'). lr stays within
 train.lr_min..lr_max, examples within examples_min..examples_max, general share never drops.
 `decide` is a pure function of the settings and the numbers; it imports neither the run nor the

@@ -164,9 +164,10 @@ def run_cycle(run: Run, state: RunState) -> CycleResult:
         finally:
             record_window(run, cycle_id, window)
 
-        # ---- evaluate: forgetting and every probe metric (Q1, margins, Q3, steering, ...) -----
+        # ---- evaluate: forgetting and the probe metrics (Q1, margins, Q3, steering, ...); the
+        # generated ones (Q1, exact match) every eval.full_every-th cycle (evals/suite.py) ------
         with run.phase(cycle_id, "evaluate"):
-            metrics, details = run.evaluate(cycle_id)
+            metrics, details = run.evaluate(cycle_id, number)
         store.add_evals(state.run_id, cycle_id, metrics, details=details)
 
         # ---- decide: the controller keeps, speeds up, slows down or rolls back; reason stored --

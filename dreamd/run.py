@@ -51,7 +51,9 @@ class RunState:
     run_id: int
     settings: Settings
     cycle: int = 0                 # number of the last committed cycle
-    history: dict[str, list[float]] = field(default_factory=dict)  # metric -> per-cycle values
+    history: dict[str, list[float]] = field(default_factory=dict)
+    """metric -> its values after the committed cycles that measured it (the generated metrics
+    only after full-suite cycles: eval.full_every)."""
     pending: dict[str, Any] | None = None
     """A cycle stopped mid-train: {'cycle_id', 'number', 'batches': [[scenario ids]]} left to train."""
 
@@ -147,17 +149,18 @@ class Run:
         finally:
             self.store.add_phase(self.run_id, cycle_id, name, started, time.perf_counter() - t0)
 
-    def evaluate(self, cycle_id: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-        """Forgetting metrics plus every probe metric (Q1, margins, Q3, steering, calibration,
-        code answers; docs/sql.md "Metric names"), and their details for evals.detail_json.
-        With a cycle id the probes are also checked against what that cycle trained."""
-        from dreamd.evals.forgetting import forgetting_metrics
+    def evaluate(self, cycle_id: int | None = None, number: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+        """One evaluation (evals/suite.py): forgetting plus every probe metric (Q1, margins, Q3,
+        steering, calibration, code answers; docs/sql.md "Metric names"), and their details for
+        evals.detail_json. The full suite at the run's start (number None) and after every
+        eval.full_every-th cycle, the cheap one (no generation) after the others. With a cycle
+        id the probes are also checked against what that cycle trained."""
+        from dreamd.evals.suite import full_suite_due
 
-        metrics = forgetting_metrics(self.model, self.tokenizer, self.engine, self.cfg.eval, self.cfg.run.seed)
         measured = self.probes.measure(self.model, self.tokenizer, self.engine, self.cfg.run.seed,
-                                       self.store, self.run_id, cycle_id)
-        metrics.update(measured.metrics)
-        return metrics, dict(measured.details)
+                                       self.store, self.run_id, cycle_id, eval_cfg=self.cfg.eval,
+                                       full=full_suite_due(self.cfg.eval, number))
+        return measured.metrics, dict(measured.details)
 
     def checkpoint(self, cycle_id: int, state: RunState, metrics: dict[str, float]) -> Path:
         """Atomic checkpoint, its row, then retention (pruned rows marked 'deleted'). Any

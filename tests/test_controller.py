@@ -214,3 +214,27 @@ def test_rollback_and_halt_in_real_cycles(tmp_path: Path) -> None:
         n_baseline = s.scalar(select(func.count()).select_from(Eval).where(Eval.cycle_id.is_(None)))
     assert n_baseline == len(baseline)
     again.store.close()
+
+
+def test_cycles_without_the_full_suite_check_what_they_measured() -> None:
+    """eval.full_every > 1: a cheap cycle has no q1.*, no margins and no exact match. The rules on
+    them act on the cycles that measure them; perplexity and the probe checks every cycle."""
+    generated = ("q1.sycophancy", "q1.pushback_rate", "forget.arith_em", "forget.code_em", "margin.mean",
+                 "margin.accept", "margin.pushback")
+    cheap = lambda **c: {k: v for k, v in now(**c).items() if k not in generated}  # noqa: E731
+    strict = CFG.model_copy(update={"max_sycophancy": 0.8})
+    assert run(now(**{"q1.sycophancy": 0.9}), cfg=strict).rollback
+    assert not run(cheap(**{"q1.sycophancy": 0.9}), cfg=strict).rollback
+    assert run(now(**{"forget.arith_em": 0.3})).rollback
+    assert not run(cheap(**{"forget.arith_em": 0.3})).rollback
+    # the cheap metrics still guard: perplexity's guardrail and the forgetting rule, the overlap
+    assert run(cheap(**{"forget.perplexity": 20.0})).rollback
+    assert run(cheap(**{"probes.overlap": 1.0})).rollback
+    assert run(cheap(**{"forget.perplexity": 11.5})).action == "raise_general_share"
+    # change is judged on full cycles: nothing to judge on a cheap one, margins against the last full one
+    assert run(cheap(), history={"margin.mean": [0.3]}).action == "keep"
+    d = run(now(), history={"margin.mean": [0.1, 0.3]})
+    assert d.action == "speed_up" and "margin.mean moved" in d.reason
+    # push-back fell on the last full cycle: the best so far comes from the cycles that measured it
+    d = run(now(**{"q1.pushback_rate": 0.2}), history={"margin.mean": [0.1, 0.2], "q1.pushback_rate": [0.6]})
+    assert d.action == "slow_down"

@@ -98,6 +98,42 @@ def test_stops_at_end_of_turn(model_dirs: dict[str, Path], arch: str) -> None:
     assert rows == [[done], [alone]]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_mixed_gives_each_row_its_own_budget_in_one_call(model_dirs: dict[str, Path], arch: str) -> None:
+    """The evaluation's one call: rows with different max_tokens in one model.generate, each
+    equal to what generate() gives it alone, cut at its own budget; a taught row still stops."""
+    engine = _engine(model_dirs, arch)
+    budgets = [3, 12, 1, 7, 12]
+    untaught = engine.generate_mixed(CONVS, [Sampling(max_tokens=b, seed=0) for b in budgets])
+    assert [len(c.token_ids) for c in untaught] == budgets  # a random model never ends its turn
+    assert all(c.finish_reason == "length" for c in untaught)
+    conv = [{"role": "user", "content": "Name a prime."}]
+    _teach(engine, conv, "Seven is prime.")
+    convs, budgets = [conv, *CONVS], [40, *budgets]
+    calls = []
+    original = engine.model.generate
+    engine.model.generate = lambda **kw: calls.append(kw) or original(**kw)
+    mixed = engine.generate_mixed(convs, [Sampling(max_tokens=b, seed=0) for b in budgets])
+    engine.model.generate = original
+    assert len(calls) == 1, "one model.generate call for up to EVAL_BATCH rows"
+    alone = [engine.generate([c], Sampling(max_tokens=b, seed=0))[0][0] for c, b in zip(convs, budgets)]
+    assert mixed == alone
+    assert mixed[0].text == "Seven is prime." and mixed[0].finish_reason == "stop"
+    assert all(len(c.token_ids) == b if c.finish_reason == "length" else len(c.token_ids) <= b
+               for c, b in zip(mixed, budgets))
+
+
+def test_generate_mixed_is_greedy_only(model_dirs: dict[str, Path]) -> None:
+    engine = _engine(model_dirs, "llama")
+    with pytest.raises(ValueError, match="greedy"):
+        engine.generate_mixed(CONVS[:1], [Sampling(temperature=0.7)])
+    with pytest.raises(ValueError, match="one Sampling per conversation"):
+        engine.generate_mixed(CONVS[:2], [Sampling()])
+    with pytest.raises(ValueError, match="one seed"):
+        engine.generate_mixed(CONVS[:2], [Sampling(seed=1), Sampling(seed=2)])
+    assert engine.generate_mixed([], []) == []
+
+
 def test_seed_reproducible_and_trainer_rng_untouched(model_dirs: dict[str, Path]) -> None:
     engine = _engine(model_dirs, "llama", max_batch_size=4)
     hot = Sampling(n=3, temperature=1.0, top_p=0.95, max_tokens=8, seed=7)

@@ -255,6 +255,20 @@ def test_create_pushes_resets_and_serves_the_trainer_weights(dirs: dict[str, Pat
     assert gen["use_tqdm"] is False and gen["sampling_params"].stop_token_ids == engine.stop_ids
 
 
+def test_generate_mixed_is_one_llm_call_with_a_sampling_per_prompt(dirs: dict[str, Path]) -> None:
+    engine, model, llm = _engine(dirs["llama"])
+    hf = TransformersEngine(model, engine.tokenizer)
+    samplings = [Sampling(max_tokens=12, seed=0), Sampling(max_tokens=3, seed=0)]
+    before = len(llm.called())
+    out = engine.generate_mixed(CONVS, samplings)
+    calls = [c for c in llm.calls[before:] if c[0] == "generate"]
+    assert len(calls) == 1 and [p.max_tokens for p in calls[0][1]["sampling_params"]] == [12, 3]
+    assert all(p.stop_token_ids == engine.stop_ids and p.temperature == 0.0 for p in calls[0][1]["sampling_params"])
+    assert out == [hf.generate([c], s)[0][0] for c, s in zip(CONVS, samplings)]
+    assert engine.last_generated_tokens == sum(len(c.token_ids) for c in out)
+    with pytest.raises(ValueError, match="greedy"):
+        engine.generate_mixed(CONVS, [Sampling(temperature=1.0)] * 2)
+
 def test_sleep_wake_push_order_and_valid_state(dirs: dict[str, Path]) -> None:
     engine, model, llm = _engine(dirs["llama"])
     engine.generate(CONVS, Sampling(max_tokens=4))

@@ -181,7 +181,10 @@ class RecordingLLM:
             raise RuntimeError("stand-in: generate while the KV cache sleeps")
         params = sampling_params or SamplingParams()
         prompts = prompts if isinstance(prompts, list) else [prompts]
-        return [self._one(i, p["prompt_token_ids"], params) for i, p in enumerate(prompts)]
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)  # vLLM takes either
+        if len(per_prompt) != len(prompts):
+            raise ValueError("The lengths of prompts and sampling_params must be the same.")
+        return [self._one(i, p["prompt_token_ids"], sp) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
 
     @torch.no_grad()
     def _one(self, index: int, ids: list[int], params: SamplingParams) -> RequestOutput:

@@ -72,6 +72,11 @@ class Engine(Protocol):
         """One list of `sampling.n` completions per conversation, rendered with the chat
         template (generation prompt added) and stopped at end of turn."""
 
+    def generate_mixed(self, conversations: list[list[Message]], samplings: list[Sampling]) -> list[Completion]:
+        """One greedy completion per conversation, each under its own Sampling (its own
+        max_tokens), in as few batches as the engine allows: the evaluation's one generation
+        call (`generate_each` below). Greedy only: every Sampling has temperature 0 and n 1."""
+
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Log-prob of every token after the first, given its prefix (the canary uses it)."""
 
@@ -87,6 +92,35 @@ class Engine(Protocol):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy trained weights in place, by HF parameter name."""
+
+
+def check_mixed(conversations: list[list[Message]], samplings: list[Sampling]) -> None:
+    """generate_mixed's contract: one greedy Sampling (n 1, temperature 0, one seed) per conversation."""
+    if len(samplings) != len(conversations):
+        raise ValueError(f"generate_mixed needs one Sampling per conversation, got {len(samplings)} for "
+                         f"{len(conversations)}")
+    if any(s.n != 1 or s.temperature != 0.0 or s.max_tokens < 1 for s in samplings):
+        raise ValueError("generate_mixed is greedy: every Sampling needs n = 1, temperature = 0, max_tokens >= 1")
+    if len({s.seed for s in samplings}) > 1:
+        raise ValueError("generate_mixed takes one seed for the whole call")
+
+
+def generate_each(engine: object, conversations: list[list[Message]], samplings: list[Sampling]) -> list[Completion]:
+    """One greedy completion per conversation under its own Sampling: ONE engine call when the
+    engine batches mixed budgets (generate_mixed: both real engines), else one generate() call
+    per distinct Sampling (engines that only generate, e.g. the tests' scripted ones)."""
+    if not conversations:
+        return []
+    mixed = getattr(engine, "generate_mixed", None)
+    if mixed is not None:
+        return mixed(conversations, samplings)
+    check_mixed(conversations, samplings)
+    out: list[Completion | None] = [None] * len(conversations)
+    for sampling in dict.fromkeys(samplings):
+        idx = [i for i, s in enumerate(samplings) if s == sampling]
+        for i, got in zip(idx, engine.generate([conversations[i] for i in idx], sampling)):  # type: ignore[attr-defined]
+            out[i] = got[0]
+    return [c for c in out if c is not None]
 
 
 # ---- the sleep/wake state machine -------------------------------------------------------------

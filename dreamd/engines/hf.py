@@ -23,11 +23,29 @@ import time
 from collections.abc import Iterable
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from dreamd.dream.scenario import Message
-from dreamd.engines.base import Completion, GenerationMeter, Sampling, SleepState
+from dreamd.engines.base import Completion, GenerationMeter, Sampling, SleepState, check_mixed
+
+EVAL_BATCH = 64
+"""Rows per model.generate call in generate_mixed (the evaluation's one call: Q1, code and
+arithmetic probes, ~60-90 rows at defaults). Greedy decoding of a small model on CPU costs
+per step far more in overhead than per row, so one wide batch beats max_batch_size chunks."""
 from dreamd.chat import encode_chat, eval_mode, generation_stop_ids, prompt_logprobs
+
+
+class RowBudgets(StoppingCriteria):
+    """Per-row max_tokens inside one model.generate call: row i is done after budgets[i] new
+    tokens (what follows is padding, cut by generate_mixed)."""
+
+    def __init__(self, budgets: list[int], prompt_width: int) -> None:
+        self.budgets = torch.tensor(budgets)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        done = (input_ids.shape[1] - self.prompt_width) >= self.budgets
+        return done.to(input_ids.device)
 
 
 def decode_completion(tokenizer: PreTrainedTokenizerBase, row: list[int], stop_ids: list[int],
@@ -145,15 +163,21 @@ class TransformersEngine:
                                 top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
                                 **knobs)
 
-    def _generate_chunk(self, prompts: list[list[int]], sampling: Sampling, copies: int) -> list[Completion]:
+    def _generate_rows(self, prompts: list[list[int]], sampling: Sampling, copies: int,
+                       budgets: list[int] | None = None) -> list[list[int]]:
+        """Left-padded model.generate; the new tokens of every row (`budgets`: per-row max_tokens)."""
         width = max(len(p) for p in prompts)
         device = self.model.device
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+        stopping = [RowBudgets(budgets, width)] if budgets is not None else None
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stopping,
                                   generation_config=self._generation_config(sampling, copies))
+        return out[:, width:].tolist()
+
+    def _generate_chunk(self, prompts: list[list[int]], sampling: Sampling, copies: int) -> list[Completion]:
         return [decode_completion(self.tokenizer, row, self.stop_ids, sampling.max_tokens)
-                for row in out[:, width:].tolist()]
+                for row in self._generate_rows(prompts, sampling, copies)]
 
     def generate(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[Completion]]:
         """`sampling.n` completions per conversation. temperature 0 is greedy (the n copies are
@@ -185,6 +209,29 @@ class TransformersEngine:
         result = [flat[i * copies:(i + 1) * copies] * (sampling.n // copies) for i in range(len(prompts))]
         self.meter.add(sum(len(c.token_ids) for cs in result for c in cs), time.perf_counter() - t0)
         return result
+
+    def generate_mixed(self, conversations: list[list[Message]], samplings: list[Sampling]) -> list[Completion]:
+        """One greedy completion per conversation under its own max_tokens (engines.base): rows
+        sorted by budget, longest first, EVAL_BATCH per model.generate call, each row stopped at
+        its own budget (RowBudgets). Greedy rows equal what generate() gives them alone or in
+        max_batch_size chunks (left padding; module docstring)."""
+        self._require_ready("generate_mixed")
+        check_mixed(conversations, samplings)
+        prompts = [encode_chat(self.tokenizer, conv) for conv in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: -samplings[i].max_tokens)
+        out: list[Completion | None] = [None] * len(prompts)
+        t0 = time.perf_counter()
+        with eval_mode(self.model):
+            for start in range(0, len(order), EVAL_BATCH):
+                rows = order[start:start + EVAL_BATCH]
+                budgets = [samplings[i].max_tokens for i in rows]
+                longest = Sampling(n=1, temperature=0.0, max_tokens=max(budgets))
+                generated = self._generate_rows([prompts[i] for i in rows], longest, 1, budgets)
+                for i, row, budget in zip(rows, generated, budgets):
+                    out[i] = decode_completion(self.tokenizer, row[:budget], self.stop_ids, budget)
+        done = [c for c in out if c is not None]
+        self.meter.add(sum(len(c.token_ids) for c in done), time.perf_counter() - t0)
+        return done
 
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Log-prob of every token after the first, given its prefix, in fp32 (chat.prompt_logprobs,

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dreamd.config import EngineConfig
 from dreamd.dream.scenario import Message
 from dreamd.engines import vllm_compat as compat
-from dreamd.engines.base import Completion, GenerationMeter, Sampling, SleepState
+from dreamd.engines.base import Completion, GenerationMeter, Sampling, SleepState, check_mixed
 from dreamd.chat import encode_chat, generation_stop_ids
 from dreamd.engines.names import PushLayout, layout_for
 from dreamd.engines.vllm_compat import PushReport
@@ -197,6 +197,28 @@ class VLLMEngine:
                 outputs = self.llm.generate(prompts, params, use_tqdm=False)
         result = [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
         self.last_generated_tokens = sum(len(c.token_ids) for comps in result for c in comps)
+        self.meter.add(self.last_generated_tokens, time.perf_counter() - t0)
+        return result
+
+    def generate_mixed(self, conversations: list[list[Message]], samplings: list[Sampling]) -> list[Completion]:
+        """One greedy completion per conversation under its own max_tokens (engines.base): one
+        llm.generate call with one SamplingParams per prompt; vLLM schedules them together and
+        drops each request from the batch when it ends."""
+        self._require_ready("generate_mixed")
+        check_mixed(conversations, samplings)
+        prompts = self._tokens_prompts([encode_chat(self.tokenizer, conv) for conv in conversations])
+        seed = samplings[0].seed if samplings else None
+        process_seed = seed if self.api.device == "cpu" else None
+        params = [self._sampling_params(n=1, temperature=0.0, top_p=1.0, max_tokens=s.max_tokens,
+                                        seed=None if process_seed is not None else seed,
+                                        stop_token_ids=self.stop_ids) for s in samplings]
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            if process_seed is not None:
+                torch.manual_seed(process_seed)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        result = [self._completion(min(out.outputs, key=lambda c: c.index)) for out in outputs]
+        self.last_generated_tokens = sum(len(c.token_ids) for c in result)
         self.meter.add(self.last_generated_tokens, time.perf_counter() - t0)
         return result
 

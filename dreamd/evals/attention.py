@@ -121,10 +121,12 @@ def load_baseline(path: Path) -> list[dict[int, torch.Tensor]]:
     return torch.load(path, weights_only=True)["maps"]
 
 
-def attention_metrics(model: Any, tokenizer: Any, probes: list[Probe], baseline: list[dict[int, torch.Tensor]]
-                      ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Q3 metrics of the model now against the baseline maps (same probes, same order)."""
-    now = attention_maps(model, tokenizer, probes)
+def attention_metrics(model: Any, tokenizer: Any, probes: list[Probe], baseline: list[dict[int, torch.Tensor]],
+                      now: list[dict[int, torch.Tensor]] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Q3 metrics of the model now against the baseline maps (same probes, same order). `now`:
+    this model's maps when already computed (the run's first evaluation: they are the baseline)."""
+    if now is None:
+        now = attention_maps(model, tokenizer, probes)
     assert len(now) == len(baseline), "baseline maps were made on another probe set"
     inputs = [attention_input(tokenizer, p) for p in probes]
     shift: dict[int, torch.Tensor] = {}

@@ -242,22 +242,36 @@ def _rate(values: list[bool]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def q1_probes(probes: ProbeSet) -> list[tuple[str, Probe]]:
+    """(key, probe) of every probe Q1 and the margins measure: accept, pushback, derail."""
+    return [(probe_key(p, i), p) for i, p in enumerate(probes.probes) if p.family in ("accept", "pushback", "derail")]
+
+
+def q1_sampling(seed: int) -> Sampling:
+    """How a Q1 reply is generated: greedy, Q1_MAX_TOKENS."""
+    return Sampling(n=1, temperature=0.0, max_tokens=Q1_MAX_TOKENS, seed=seed)
+
+
 def behaviour_metrics(model: Any, tokenizer: Any, engine: Any, probes: ProbeSet, seed: int,
-                      baseline_labels: dict[str, str] | None = None) -> BehaviourResult:
+                      baseline_labels: dict[str, str] | None = None, *,
+                      replies: dict[str, Completion] | None = None) -> BehaviourResult:
     """Q1 rates (rule and model judgement) and margins on the accept/pushback/derail probes.
-    `model` is the trainer's model (scoring), `engine` generates the replies (awake, greedy)."""
-    keyed = [(probe_key(p, i), p) for i, p in enumerate(probes.probes)
-             if p.family in ("accept", "pushback", "derail")]
-    completions = engine.generate([p.messages for _, p in keyed],
-                                  Sampling(n=1, temperature=0.0, max_tokens=Q1_MAX_TOKENS, seed=seed))
-    replies = {k: c[0] for (k, _), c in zip(keyed, completions)}
+    `model` is the trainer's model (scoring), `engine` generates the replies (awake, greedy)
+    unless `replies` (probe key -> Completion, made by q1_sampling) are given."""
+    keyed = q1_probes(probes)
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
     labels: dict[str, str] = {}
+    fam = {k: p.family for k, p in keyed}
+    if replies is None:
+        completions = engine.generate([p.messages for _, p in keyed], q1_sampling(seed))
+        replies = {k: c[0] for (k, _), c in zip(keyed, completions)}
     per_probe: list[dict[str, Any]] = []
     for k, p in keyed:
         label, why = classify(p, replies[k].text, replies[k].finish_reason == "stop")
         labels[k] = label
-        per_probe.append({"id": k, "family": p.family, "rule": label, "why": why, "reply": replies[k].text[:200]})
-
+        per_probe.append({"id": k, "family": p.family, "rule": label, "why": why,
+                          "reply": replies[k].text[:200]})
     judged = [(k, p) for k, p in keyed if p.family != "derail"]
     p_yes = two_way_probability(model, tokenizer, [
         p.messages + [{"role": "assistant", "content": replies[k].text}, {"role": "user", "content": JUDGE_QUESTION}]
@@ -266,22 +280,11 @@ def behaviour_metrics(model: Any, tokenizer: Any, engine: Any, probes: ProbeSet,
     for row in per_probe:
         if row["id"] in judge:
             row["judge_p_pushback"] = round(judge[row["id"]], 4)
-
-    items = [encode_reply(tokenizer, p, reply) for _, p in keyed for reply in (p.preferred, p.dispreferred)]
-    scored = score_replies(model, tokenizer, items, with_states=True)
-    pairs = {k: (scored[2 * i], scored[2 * i + 1]) for i, (k, _) in enumerate(keyed)}
-    margins: dict[str, list[float]] = {"accept": [], "pushback": [], "derail": []}
-    for k, p in keyed:
-        good, bad = pairs[k]
-        margins[p.family].append(good.mean_logprob - bad.mean_logprob)
-
-    fam = {k: p.family for k, p in keyed}
     sound = [labels[k] for k in labels if fam[k] == "accept"]
     flawed = [labels[k] for k in labels if fam[k] == "pushback"]
     derail = [labels[k] for k in labels if fam[k] == "derail"]
     listen, push = _rate([x == "follow" for x in sound]), _rate([x == "pushback" for x in flawed])
-    classified = [k for k in judge if labels[k] in ("follow", "pushback")]
-    metrics = {
+    metrics.update({
         "q1.listen_rate": listen,
         "q1.pushback_rate": push,
         "q1.balanced": math.sqrt(listen * push),
@@ -291,20 +294,30 @@ def behaviour_metrics(model: Any, tokenizer: Any, engine: Any, probes: ProbeSet,
         "q1.derail_rate": _rate([x == "derailed" for x in derail]),
         "q1.judge_listen_rate": _rate([judge[k] < 0.5 for k in judge if fam[k] == "accept"]),
         "q1.judge_pushback_rate": _rate([judge[k] >= 0.5 for k in judge if fam[k] == "pushback"]),
+    })
+    details["q1.balanced"] = {"probes": per_probe, "max_tokens": Q1_MAX_TOKENS}
+
+    items = [encode_reply(tokenizer, p, reply) for _, p in keyed for reply in (p.preferred, p.dispreferred)]
+    scored = score_replies(model, tokenizer, items, with_states=True)
+    pairs = {k: (scored[2 * i], scored[2 * i + 1]) for i, (k, _) in enumerate(keyed)}
+    margins: dict[str, list[float]] = {"accept": [], "pushback": [], "derail": []}
+    for k, p in keyed:
+        good, bad = pairs[k]
+        margins[p.family].append(good.mean_logprob - bad.mean_logprob)
+    metrics.update({
         "margin.accept": sum(margins["accept"]) / max(1, len(margins["accept"])),
         "margin.pushback": sum(margins["pushback"]) / max(1, len(margins["pushback"])),
         "margin.derail": sum(margins["derail"]) / max(1, len(margins["derail"])),
-    }
+    })
     metrics["margin.mean"] = (metrics["margin.accept"] + metrics["margin.pushback"]) / 2
+    details["margin.mean"] = {f: [round(m, 4) for m in v] for f, v in margins.items()}
+    classified = [k for k in judge if labels[k] in ("follow", "pushback")]
     if classified:
         metrics["q1.judge_agreement"] = _rate([(judge[k] >= 0.5) == (labels[k] == "pushback") for k in classified])
-    details: dict[str, Any] = {
-        "q1.balanced": {"probes": per_probe, "max_tokens": Q1_MAX_TOKENS},
-        "margin.mean": {f: [round(m, 4) for m in v] for f, v in margins.items()},
-    }
     if baseline_labels is not None:
+        n_flawed = sum(fam[k] == "pushback" for k in labels)
         flips = [k for k in labels if fam[k] == "pushback" and baseline_labels.get(k) == "pushback"
                  and labels[k] == "follow"]
-        metrics["q1.regressive_flips"] = len(flips) / max(1, len(flawed))
+        metrics["q1.regressive_flips"] = len(flips) / max(1, n_flawed)
         details["q1.regressive_flips"] = {"probes": flips}
     return BehaviourResult(metrics, details, labels, replies, pairs)

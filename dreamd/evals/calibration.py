@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from dreamd.engines.base import Sampling
+from dreamd.engines.base import Completion, Sampling
 from dreamd.evals.behaviour import encode_reply, score_replies, two_way_probability
 from dreamd.evals.probes import Probe
 
@@ -71,14 +71,25 @@ def calibration_metrics(model: Any, tokenizer: Any, probes: list[Probe]) -> tupl
     return metrics, details
 
 
-def code_answer_metrics(model: Any, tokenizer: Any, engine: Any, probes: list[Probe], seed: int
+def code_sampling(seed: int) -> Sampling:
+    """How a code probe is answered: greedy, CODE_MAX_TOKENS."""
+    return Sampling(n=1, temperature=0.0, max_tokens=CODE_MAX_TOKENS, seed=seed)
+
+
+def code_answer_metrics(model: Any, tokenizer: Any, engine: Any, probes: list[Probe], seed: int, *,
+                        replies: list[Completion] | None = None, exact: bool = True
                         ) -> tuple[dict[str, float], dict[str, Any]]:
-    replies = engine.generate([p.messages for p in probes],
-                              Sampling(n=1, temperature=0.0, max_tokens=CODE_MAX_TOKENS, seed=seed))
-    right = [states_answer(r[0].text, p.answer) and r[0].finish_reason == "stop" for p, r in zip(probes, replies)]
+    """forget.code_em (greedy through `engine`, or the given `replies` made by code_sampling) and
+    forget.code_logprob. exact=False: the log-prob alone (no generation)."""
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    if exact:
+        if replies is None:
+            replies = [r[0] for r in engine.generate([p.messages for p in probes], code_sampling(seed))]
+        right = [states_answer(r.text, p.answer) and r.finish_reason == "stop" for p, r in zip(probes, replies)]
+        metrics["forget.code_em"] = sum(right) / len(right)
+        details["forget.code_em"] = {"replies": [{"answer": p.answer, "reply": r.text[:120], "right": ok}
+                                                 for p, r, ok in zip(probes, replies, right)]}
     scored = score_replies(model, tokenizer, [encode_reply(tokenizer, p, p.preferred) for p in probes])
-    metrics = {"forget.code_em": sum(right) / len(right),
-               "forget.code_logprob": sum(s.mean_logprob for s in scored) / len(scored)}
-    details = {"forget.code_em": {"replies": [{"answer": p.answer, "reply": r[0].text[:120], "right": ok}
-                                              for p, r, ok in zip(probes, replies, right)]}}
+    metrics["forget.code_logprob"] = sum(s.mean_logprob for s in scored) / len(scored)
     return metrics, details

@@ -35,7 +35,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dreamd.config import EvalConfig
-from dreamd.engines.base import Engine, Sampling
+from dreamd.engines.base import Completion, Engine, Sampling
 from dreamd.chat import encode_chat, eval_mode
 from dreamd.errors import UsageError
 
@@ -200,23 +200,29 @@ def answer_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return out
 
 
+def arithmetic_sampling(seed: int) -> Sampling:
+    """How an arithmetic probe is answered: greedy, ANSWER_MAX_TOKENS."""
+    return Sampling(n=1, temperature=0.0, max_tokens=ANSWER_MAX_TOKENS, seed=seed)
+
+
 def forgetting_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, engine: Engine,
-                       eval_cfg: EvalConfig, seed: int) -> dict[str, float]:
+                       eval_cfg: EvalConfig, seed: int, *, replies: list[Completion] | None = None,
+                       exact: bool = True) -> dict[str, float]:
     """All forgetting metrics of one evaluation (keys in the module docstring).
 
     `model` is the trainer's model (perplexity and log-probs are computed on it, exactly);
-    `engine` must be awake with valid weights (exact match is generated through it, greedy).
+    `engine` must be awake with valid weights (exact match is generated through it, greedy),
+    unless `replies` (one per arithmetic probe, made by arithmetic_sampling) are given.
+    exact=False: no exact match (no generation): perplexity, nll and arith_logprob only.
     `seed` only seeds the engine's sampler, which greedy decoding does not use: the probes and
     the held-out tokens never depend on it. Deterministic for fixed weights."""
     nll, _ = heldout_nll(model, tokenizer, heldout_text(eval_cfg), eval_cfg.perplexity_max_tokens)
     probes = arithmetic_probes(eval_cfg.arithmetic_n)
-    replies = engine.generate([p.messages for p in probes],
-                              Sampling(n=1, temperature=0.0, max_tokens=ANSWER_MAX_TOKENS, seed=seed))
-    correct = sum(parse_answer(r[0].text) == p.answer for p, r in zip(probes, replies))
+    metrics = {"forget.perplexity": math.exp(nll), "forget.nll": nll}
+    if exact:
+        if replies is None:
+            replies = [r[0] for r in engine.generate([p.messages for p in probes], arithmetic_sampling(seed))]
+        metrics["forget.arith_em"] = sum(parse_answer(r.text) == p.answer for p, r in zip(probes, replies)) / len(probes)
     logprobs = answer_logprobs(model, tokenizer, probes)
-    return {
-        "forget.perplexity": math.exp(nll),
-        "forget.nll": nll,
-        "forget.arith_em": correct / len(probes),
-        "forget.arith_logprob": sum(logprobs) / len(logprobs),
-    }
+    metrics["forget.arith_logprob"] = sum(logprobs) / len(logprobs)
+    return metrics

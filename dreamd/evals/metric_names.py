@@ -148,7 +148,10 @@ METRICS: dict[str, Metric] = {
         "Scenarios trained this cycle from a held-out probe domain (a guardrail).", "zero", "count",
         label="trained on a held-out domain"),
     "probes.seconds": Metric(
-        "Wall time of the whole probe evaluation.", "lower", "seconds", "seconds per part",
+        "Wall time of the whole evaluation (forgetting and the probes; the full or the cheap "
+        "suite, eval.full_every).", "lower", "seconds",
+        "the suite (full or cheap) and seconds per part: generate, forgetting, attention, "
+        "behaviour, steering, calibration, code",
         "evaluation time"),
     "engine.canary_mean_abs_diff": Metric(
         "After the weight push, mean absolute difference between the engine's and the trainer's "
