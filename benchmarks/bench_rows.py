@@ -365,7 +365,8 @@ def vllm_rows(repeats: int, threads: int, max_tokens: int) -> list[Row]:
     m = vllm_cpu.measure(argparse.Namespace(model=None, repeats=repeats, threads=threads, max_tokens=max_tokens))
     return [Row(f"VLLMEngine.generate / vllm.LLM.generate alone, tokens/s (16 x n=2, {max_tokens} tok)",
                 spread(m["eng_tps"], " tok/s"), spread(m["raw_tps"], " tok/s"), m["overhead"]),
-            Row("vLLM engine / transformers engine, same sampling, tokens/s", "", spread(m["hf_tps"], " tok/s"),
+            Row("vLLM engine / transformers engine, same sampling, tokens/s", "(vLLM, alternated)",
+                spread(m["hf_tps"], " tok/s"),
                 m["vs_hf"]),
             Row("push all weights + canary / one train step", spread(m["push_s"], " s"),
                 spread(m["step_s"], " s"), m["push_ratio"])]
