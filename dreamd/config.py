@@ -339,7 +339,7 @@ class TrainConfig(Section):
     padded_max_tokens: Annotated[int, Field(ge=1, le=1 << 24)] = 256
     """'auto' forward_layout pads a batch together up to this many tokens in its longest
     example. Measured on CPU (docs/benchmarks.md, "Choosing by length"): bucketed batches of 4
-    with contexts up to ~200 tokens ran 1.2-1.6x faster padded (per-call overhead dominates);
+    with contexts up to ~200 tokens ran 1.2-1.9x faster padded (per-call overhead dominates);
     from ~400 tokens padded and per-example tied, and long mixed batches ran 1.8-6x faster per
     example, which also holds one example's activations, not the batch's. On a GPU, where one
     large kernel beats several small ones, a higher value may pay off (not measured)."""
