@@ -212,6 +212,7 @@ def neardup(sizes: tuple[int, ...], queries: int, cache: Path) -> list[Row]:
         if not path.exists():
             _build_store(path, n)
         store = Store.open(f"sqlite:///{path}")
+        store.upgrade()  # a cache built before a migration
         index = NearDupIndex(store)
         index.backfill()  # a no-op unless the signature scheme changed since the cache was built
         chunks = [sample[i:i + 10] for i in range(0, len(sample), 10)]
