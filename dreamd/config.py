@@ -340,8 +340,9 @@ class TrainConfig(Section):
     """'auto' forward_layout pads a batch together up to this many tokens in its longest
     example. Measured on CPU (docs/benchmarks.md, "Choosing by length"): bucketed batches of 4
     with contexts up to ~200 tokens ran 1.2-1.9x faster padded (per-call overhead dominates);
-    from ~400 tokens padded and per-example tied, and long mixed batches ran 1.8-6x faster per
-    example, which also holds one example's activations, not the batch's. On a GPU, where one
+    from ~400 tokens padded and per-example tied on Llama (on the Qwen3.5-style hybrid padded
+    still won at 512 context tokens: ~640 suits it), and long mixed batches ran 1.8-6x faster
+    per example, which also holds one example's activations, not the batch's. On a GPU, where one
     large kernel beats several small ones, a higher value may pay off (not measured)."""
     bf16_update: Literal["stochastic", "master", "nearest"] = "stochastic"
     """How updates reach bf16 weights: stochastic rounding (default), fp32 master weights, or
