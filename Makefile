@@ -61,8 +61,9 @@ demo-real: setup
 test: setup
 	$(BIN)/python -m pytest -q -n auto --durations=15
 
+# Every ratio in one table (docs/benchmarks.md, "All rows"); BENCH=--full for the long one.
 bench: setup
-	$(BIN)/python benchmarks/context_frozen.py
+	$(BIN)/dreamd bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) $(DEMO) $(DEMO_REAL) .pytest_cache

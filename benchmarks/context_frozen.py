@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import statistics
 import time
 
 import torch
@@ -120,7 +121,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (1: stable timings on a shared box)")
     parser.add_argument("--batch-contexts", nargs="*", type=int, default=[256, 1024, 2048, 4096])
+    parser.add_argument("--crossover", nargs="*", type=int, default=[],
+                        help="only the short-context table: every (layout, frozen) choice per length")
     args = parser.parse_args()
+    if args.crossover:
+        crossover_table(args)
+        return
     pool = mp.get_context("spawn")
     print(f"torch {torch.__version__}, {args.threads} thread(s), hidden {args.hidden}, "
           f"{args.layers} layers, vocab {VOCAB}, reply {args.reply} tokens, sdpa, CPU\n")
@@ -129,6 +135,70 @@ def main() -> None:
         context_length_table(args, pool)
     if args.batch_contexts:
         batch_layout_table(args, pool)
+
+
+def _choices() -> dict:
+    """Trainers whose micro_batches make each choice. 'before' is the rule until forward_layout
+    'auto' and frozen_min_context: one forward per example, context-frozen whenever the context
+    is longer than the reply; 'after' is the trainer's defaults (the choice by length)."""
+    from dreamd.config import TrainConfig
+
+    return {"before": TrainConfig(forward_layout="per_example", frozen_min_context=1),
+            "per-example full": TrainConfig(forward_layout="per_example", context_frozen="off"),
+            "padded frozen": TrainConfig(forward_layout="padded", context_frozen="on"),
+            "padded full": TrainConfig(forward_layout="padded", context_frozen="off"),
+            "after (auto)": TrainConfig()}
+
+
+def _crossover_batch(context: int, seed: int) -> list[Encoded]:
+    """A batch of 4 as length bucketing makes them on the demo data: contexts within +-25% of
+    `context`, replies 16-80 tokens (the demo's are 12-91)."""
+    rng = torch.Generator().manual_seed(seed)
+    contexts = [max(2, int(context * f)) for f in (0.75, 0.9, 1.1, 1.25)]
+    replies = torch.randint(16, 81, (4,), generator=rng).tolist()
+    return [_example(c, r, seed=seed * 10 + i) for i, (c, r) in enumerate(zip(contexts, replies))]
+
+
+def _step_seconds(trainer, examples: list[Encoded]) -> float:
+    """The forwards + backwards of one train_step, as the trainer chooses them (no optimizer step)."""
+    n_labels = sum(e.reply_len for e in examples)
+    start = time.perf_counter()
+    for aligned, frozen in trainer.micro_batches(examples):
+        (reply_nll(trainer.model, aligned, frozen) / n_labels).backward()
+    trainer.model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def crossover_table(args: argparse.Namespace) -> None:
+    """Step time of each choice for batches of 4 around each context length, all alternated in
+    one process (a busy box slows them alike), relative to 'before'."""
+    from dreamd.config import OptimizerConfig
+    from dreamd.train.trainer import Trainer
+
+    torch.set_num_threads(args.threads)
+    model = _model(args.arch[0], args.hidden, args.layers, 2 * max(args.crossover) + 200)
+    trainers = {k: Trainer(model, cfg, OptimizerConfig(name="adamw")) for k, cfg in _choices().items()}
+    print(f"\n{args.arch[0]}: batches of 4, contexts within +-25% of the length, replies 16-80, "
+          f"{args.repeats} alternated repeats x 3 batches; forwards + backwards of one step / 'before', "
+          "median [min, max]\n")
+    print("| context | " + " | ".join(trainers) + " | before ms |")
+    print("|---:|" + "---:|" * (len(trainers) + 1))
+    for context in args.crossover:
+        batches = [_crossover_batch(context, seed) for seed in range(3)]
+        for b in batches:  # warm-up
+            for t in trainers.values():
+                _step_seconds(t, b)
+        times = {k: [] for k in trainers}
+        for _ in range(args.repeats):
+            for b in batches:
+                for k, t in trainers.items():
+                    times[k].append(_step_seconds(t, b))
+        cells = []
+        for k in trainers:
+            r = [x / y for x, y in zip(times[k], times["before"])]
+            cells.append(f"{statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]")
+        print(f"| {context} | " + " | ".join(cells) + f" | {statistics.median(times['before']) * 1e3:.1f} |",
+              flush=True)
 
 
 def context_length_table(args: argparse.Namespace, pool) -> None:

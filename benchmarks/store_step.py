@@ -13,6 +13,7 @@ both alike; printed: median microseconds per step and the ratio (median [min, ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -78,31 +79,39 @@ def plain_pg(url: str):
     return write
 
 
-def measure(name: str, url: str, plain, step_s: float) -> None:
+def measure(url: str, plain, rounds: int = ROUNDS, steps: int = STEPS_PER_ROUND) -> dict[str, list[float]]:
+    """Seconds per step of Store.add_train_step ('ours') and of `plain` ('base'), alternated
+    round by round, and their ratio per round."""
     store, run_id, cycle_id, ids = setup(url)
     step = 0
-    ours, base, ratios = [], [], []
-    for _ in range(ROUNDS):
+    out: dict[str, list[float]] = {"ours": [], "base": [], "ratio": []}
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        for _ in range(STEPS_PER_ROUND):
+        for _ in range(steps):
             store.add_train_step(run_id, cycle_id, step, METRICS, ids)
             step += 1
-        a = (time.perf_counter() - t0) / STEPS_PER_ROUND
+        a = (time.perf_counter() - t0) / steps
         t0 = time.perf_counter()
-        for _ in range(STEPS_PER_ROUND):
+        for _ in range(steps):
             plain(run_id, cycle_id, step, ids)
             step += 1
-        b = (time.perf_counter() - t0) / STEPS_PER_ROUND
-        ours.append(a), base.append(b), ratios.append(a / b)
+        b = (time.perf_counter() - t0) / steps
+        out["ours"].append(a), out["base"].append(b), out["ratio"].append(a / b)
+    store.close()
+    return out
+
+
+def print_row(name: str, m: dict[str, list[float]], step_s: float) -> None:
+    ours, base, ratios = m["ours"], m["base"], m["ratio"]
     print(f"| {name} | {statistics.median(ours) * 1e6:.0f} | {statistics.median(base) * 1e6:.0f} | "
           f"{statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}] | "
           f"{100 * statistics.median(ours) / step_s:.2f}% |")
-    store.close()
 
 
-def demo_step_seconds(steps: int = 20) -> float:
-    """Median seconds of one optimizer step of the demo model (`dreamd init`, batch 4, template
-    scenarios), the step the store's row is written after: the denominator of the share."""
+def demo_training(root: Path, hidden: int = 64, n_batches: int = 8):
+    """`dreamd init`'s model (tiny Llama, `hidden`) under `root`, its config, tokenizer and
+    `n_batches` batches of template scenarios (batch_size examples each, encoded as the cycle
+    encodes them): the work every training row of the benches runs."""
     import random
 
     from dreamd.config_file import load_config
@@ -110,22 +119,51 @@ def demo_step_seconds(steps: int = 20) -> float:
     from dreamd.init import init_dir
     from dreamd.models import load_model
     from dreamd.train.examples import encode_scenario
+
+    cfg = load_config(init_dir(root / "demo", arch="llama", hidden=hidden), environ={})
+    model, tokenizer = load_model(cfg.model, "cpu")
+    dreamer, rng = TemplateDreamer(spec=cfg.spec_text, seed=0), random.Random(0)
+    kinds = ("accept", "pushback", "derail", "accept")
+    batches = [[encode_scenario(tokenizer, dreamer.dream(kinds[i % 4], rng), cfg.model.max_seq_len)
+                for i in range(cfg.train.batch_size)] for _ in range(n_batches)]
+    return cfg, model, tokenizer, batches
+
+
+def demo_step_seconds(steps: int = 20) -> float:
+    """Median seconds of one optimizer step of the demo model (`dreamd init`, batch 4, template
+    scenarios), the step the store's row is written after: the denominator of the share."""
     from dreamd.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(init_dir(Path(tmp) / "demo", arch="llama"), environ={})
-        model, tokenizer = load_model(cfg.model, "cpu")
+        cfg, model, _, batches = demo_training(Path(tmp))
         trainer = Trainer(model, cfg.train, cfg.optimizer, seed=0)
-        dreamer, rng = TemplateDreamer(spec=cfg.spec_text, seed=0), random.Random(0)
         times = []
         for i in range(steps + 3):
-            batch = [encode_scenario(tokenizer, dreamer.dream(kind, rng), cfg.model.max_seq_len)
-                     for kind in ("accept", "pushback", "derail", "accept")][: cfg.train.batch_size]
             t0 = time.perf_counter()
-            trainer.train_step(batch)
+            trainer.train_step(batches[i % len(batches)])
             if i >= 3:  # the first steps build the optimizer state
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
+
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str):
+    """A new, empty PostgreSQL database on the server of `admin_url` (yields its URL), dropped after."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"dreamd_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def main() -> None:
@@ -142,24 +180,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.sqlite"
-        measure("SQLite (WAL)", f"sqlite:///{path}", plain_sqlite(path), step_s)
+        print_row("SQLite (WAL)", measure(f"sqlite:///{path}", plain_sqlite(path)), step_s)
     if args.pg:
-        import uuid
-
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.engine import make_url
-
-        name = f"dreamd_bench_{uuid.uuid4().hex[:8]}"
-        admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            url = make_url(args.pg).set(database=name).render_as_string(hide_password=False)
-            measure("PostgreSQL", url, plain_pg(url), step_s)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+        with scratch_database(args.pg) as url:
+            print_row("PostgreSQL", measure(url, plain_pg(url)), step_s)
 
 
 if __name__ == "__main__":

@@ -35,14 +35,10 @@ def spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):.3g} [{min(xs):.3g}, {max(xs):.3g}]"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    args = parser.parse_args()
-
+def measure(args: argparse.Namespace) -> dict:
+    """The three comparisons (args: model, repeats, threads, max_tokens): per-repeat lists
+    under 'overhead' (engine / vllm.LLM), 'vs_hf' (vLLM / transformers engine), 'push_ratio'
+    (push + canary / train step), their sides, and 'about' (a line naming what ran)."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -132,9 +128,24 @@ def main() -> None:
         ratio.append(push / step)
 
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"\nmodel {path} ({params_m:.1f}M params, {next(model.parameters()).dtype}), vllm "
-          f"{engine.api.version} ({engine.api.device}), torch {torch.__version__}, threads {args.threads}, "
-          f"repeats {args.repeats}, python {sys.version.split()[0]}\n")
+    about = (f"model {path} ({params_m:.1f}M params, {next(model.parameters()).dtype}), vllm "
+             f"{engine.api.version} ({engine.api.device}), torch {torch.__version__}, threads {args.threads}, "
+             f"repeats {args.repeats}, python {sys.version.split()[0]}")
+    return {"overhead": overhead, "eng_tps": eng_tps, "raw_tps": raw_tps, "vs_hf": vs_hf, "hf_tps": hf_tps,
+            "push_ratio": ratio, "push_s": push_s, "step_s": step_s, "about": about}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    m = measure(args)
+    overhead, eng_tps, raw_tps, vs_hf, hf_tps = m["overhead"], m["eng_tps"], m["raw_tps"], m["vs_hf"], m["hf_tps"]
+    ratio, push_s, step_s = m["push_ratio"], m["push_s"], m["step_s"]
+    print(f"\n{m['about']}\n")
     print("| measure | ratio, median [min, max] | side A | side B |")
     print("|---|---|---|---|")
     print(f"| dreamd VLLMEngine.generate / vllm.LLM.generate, tokens/s (16 convs x n=2, "

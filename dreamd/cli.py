@@ -122,6 +122,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    if not script.exists():
+        raise UsageError(f"dreamd bench needs the source checkout's benchmarks/ (no {script}): run it "
+                         "from a clone of the repository (pip install -e .)")
+    if args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: pass 1 or more")
+    sys.path.insert(0, str(script.parent))  # run_all imports its sibling scripts
+    import run_all
+
+    return run_all.run(args)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -193,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("config", help="print the resolved config as TOML"))
     sp.add_argument("--explain", action="store_true", help="every field with its default and meaning")
     sp.set_defaults(func=cmd_config)
+
+    sp = sub.add_parser("bench", help="one table of side-by-side ratios (trainer, optimizers, store, "
+                        "near duplicates, phases, threads, start-up, generation): benchmarks/run_all.py")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="bigger model, more repeats, near duplicates up to "
+                      "1e6 (their stores built once into the cache)")
+    mode.add_argument("--tiny", action="store_true", help="every row at the smallest sizes (the test's; the "
+                      "numbers mean nothing)")
+    sp.add_argument("--pg", metavar="URL", help="also the PostgreSQL store rows (a scratch database is made "
+                    "on this server and dropped)")
+    sp.add_argument("--threads", type=int, default=1, help="torch threads pinned for the rows (default 1)")
+    sp.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    sp.add_argument("--cache", type=Path, help="near-duplicate stores (default $DREAMD_CACHE/bench or "
+                    "~/.cache/dreamd/bench)")
+    sp.set_defaults(func=cmd_bench)
 
     sp = with_config(sub.add_parser("report", help="write an HTML report with plots from the store"))
     sp.add_argument("--out", help="output directory (default: <state_dir>/report)")

@@ -323,13 +323,27 @@ class TrainConfig(Section):
     """Clip the global gradient norm to this value."""
     context_frozen: Literal["auto", "on", "off"] = "auto"
     """Context-frozen gradient: run the context under no_grad with the cache, the reply with
-    gradient on top. 'auto': on for examples whose context is longer than their reply."""
-    forward_layout: Literal["per_example", "padded"] = "per_example"
+    gradient on top (same loss; the gradient through the context's activations is cut, and
+    activation memory follows the reply). 'auto': on for examples whose context has at least
+    frozen_min_context tokens and is longer than their reply; shorter ones run the full forward."""
+    frozen_min_context: Annotated[int, Field(ge=1, le=1 << 24)] = 64
+    """'auto' context_frozen only from this many context tokens. Below it the extra no_grad
+    forward costs about what the skipped backward saves: measured on CPU (docs/benchmarks.md,
+    "Choosing by length"), the full forward was up to 1.4x faster at 32-96 context tokens one
+    example at a time and even with it at 16 padded; frozen was faster padded from 32-64 up."""
+    forward_layout: Literal["auto", "per_example", "padded"] = "auto"
     """How a batch goes through the model (the gradient is the same): one forward + backward
-    per example (no padding, activation memory of one example), or one padded forward per
-    batch (contexts left-padded, replies right-padded). Measured on CPU (docs/benchmarks.md):
-    per-example was 1.8-6x faster on Llama and holds 1/batch of the activations; padded won
-    only once (by 15%, hybrid model, 6% padding). Padded may pay off on GPU (not measured)."""
+    per example (no padding, activation memory of one example), one padded forward per batch
+    (contexts left-padded, replies right-padded), or 'auto': padded while the batch's longest
+    example has at most padded_max_tokens tokens, per example above (docs/benchmarks.md)."""
+    padded_max_tokens: Annotated[int, Field(ge=1, le=1 << 24)] = 256
+    """'auto' forward_layout pads a batch together up to this many tokens in its longest
+    example. Measured on CPU (docs/benchmarks.md, "Choosing by length"): bucketed batches of 4
+    with contexts up to ~200 tokens ran 1.2-1.9x faster padded (per-call overhead dominates);
+    from ~400 tokens padded and per-example tied on Llama (on the Qwen3.5-style hybrid padded
+    still won at 512 context tokens: ~640 suits it), and long mixed batches ran 1.8-6x faster
+    per example, which also holds one example's activations, not the batch's. On a GPU, where one
+    large kernel beats several small ones, a higher value may pay off (not measured)."""
     bf16_update: Literal["stochastic", "master", "nearest"] = "stochastic"
     """How updates reach bf16 weights: stochastic rounding (default), fp32 master weights, or
     naive round-to-nearest (drops most updates at lr 1e-5; for measurement only)."""

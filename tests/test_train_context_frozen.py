@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from dreamd.train.activation_memory import SavedTensorMeter
-from dreamd.train.context_frozen import ContextFrozenCache, align, reply_nll, wants_frozen
+from dreamd.train.context_frozen import ContextFrozenCache, align, per_example, reply_nll, wants_frozen
 from tests.fixtures_models import random_example, tiny_model
 
 ARCHS = ["llama", "qwen3.5"]
@@ -143,8 +143,16 @@ def test_activation_memory_follows_the_reply(arch: str) -> None:
     assert saved[1024, True] < 0.35 * saved[1024, False], saved
 
 
-def test_auto_freezes_when_the_context_is_longer_than_the_reply() -> None:
+def test_auto_freezes_a_long_enough_context_longer_than_the_reply() -> None:
     rng = random.Random(5)
     long_ctx, long_reply = random_example(rng, 50, 10), random_example(rng, 10, 50)
-    assert wants_frozen(long_ctx, "auto") and not wants_frozen(long_reply, "auto")
-    assert wants_frozen(long_reply, "on") and not wants_frozen(long_ctx, "off")
+    assert wants_frozen(long_ctx, "auto", 50) and not wants_frozen(long_reply, "auto", 1)
+    assert not wants_frozen(long_ctx, "auto", 51)  # below train.frozen_min_context: full forward
+    assert wants_frozen(long_reply, "on", 1000) and not wants_frozen(long_ctx, "off", 1)
+
+
+def test_auto_pads_a_batch_while_its_longest_example_is_short() -> None:
+    rng = random.Random(6)
+    batch = [random_example(rng, 50, 10), random_example(rng, 100, 28)]
+    assert not per_example(batch, "auto", 128) and per_example(batch, "auto", 127)
+    assert per_example(batch, "per_example", 10**6) and not per_example(batch, "padded", 1)

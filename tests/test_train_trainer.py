@@ -53,12 +53,75 @@ def test_both_layouts_give_the_same_step() -> None:
     after = {}
     for layout in ("per_example", "padded"):
         model = tiny_model("qwen3.5")
-        (row,) = list(Trainer(model, TrainConfig(forward_layout=layout, lr=1e-3), OptimizerConfig(name="adamw"))
-                      .train_pass([batch]))
+        # context-frozen, as 'auto' chose for these short examples before frozen_min_context
+        # (after one AdamW step, the full path's ~1e-8 gradients would be compared by sign)
+        (row,) = list(Trainer(model, TrainConfig(forward_layout=layout, lr=1e-3, context_frozen="on"),
+                              OptimizerConfig(name="adamw")).train_pass([batch]))
         after[layout] = (row.loss, _params(model))
     assert abs(after["padded"][0] - after["per_example"][0]) < 1e-5
     for name, p in after["padded"][1].items():
         torch.testing.assert_close(p, after["per_example"][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _one_step(batch, **train) -> tuple[float, dict[str, torch.Tensor], list[tuple[int, bool]]]:
+    """Loss and gradient of one step as train_step computes them (each forward the trainer
+    chose, its summed NLL over the batch's reply tokens, backward), and the (rows, frozen) of
+    those forwards."""
+    model = tiny_model("llama")
+    trainer = Trainer(model, TrainConfig(**train), OptimizerConfig(name="adamw"))
+    n_labels, total, forwards = sum(e.reply_len for e in batch), 0.0, []
+    for aligned, frozen in trainer.micro_batches(batch):
+        nll = reply_nll(model, aligned, frozen)
+        (nll / n_labels).backward()
+        total += nll.item()
+        forwards.append((aligned.input_ids.shape[0], frozen))
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total / n_labels, grads, forwards
+
+
+def test_the_path_is_chosen_by_length() -> None:
+    """'auto' (the default): a short batch is one padded full forward, a long one one
+    context-frozen forward per example; the thresholds move the choice."""
+    rng = random.Random(7)
+    short = [random_example(rng, c, r) for c, r in [(40, 20), (50, 12), (60, 30), (30, 25)]]
+    long = [random_example(rng, c, r) for c, r in [(600, 20), (300, 40), (160, 30), (40, 10)]]
+    assert _one_step(short)[2] == [(4, False)]
+    assert _one_step(long)[2] == [(1, True), (1, True), (1, True), (1, False)]  # 40 < frozen_min_context
+    assert _one_step(short + [random_example(rng, 90, 30)])[2] == [(1, True), (4, False)]
+    assert _one_step(long, padded_max_tokens=1000)[2] == [(3, True), (1, False)]
+    assert _one_step(short, frozen_min_context=50, padded_max_tokens=50)[2] == \
+        [(1, False), (1, True), (1, True), (1, False)]
+
+
+def test_the_chosen_path_gives_the_other_paths_step() -> None:
+    """Whatever 'auto' chooses, the step is the one the other paths take: the layout changes
+    nothing but rounding (loss within 1e-5, every gradient within rtol 1e-4 / atol 1e-7, fp32);
+    the context-frozen path has the same loss, and the same gradient on the parameters the
+    context's activations do not feed (lm_head, the final norm), while the rest differ by design
+    (context_frozen.py: the path back through the context is cut)."""
+    rng = random.Random(8)
+    short = [random_example(rng, c, r) for c, r in [(40, 20), (50, 12), (60, 30), (30, 25)]]
+    loss, grads, _ = _one_step(short)
+    for other in ({"forward_layout": "per_example"}, {"forward_layout": "per_example", "context_frozen": "off"},
+                  {"forward_layout": "padded", "context_frozen": "off"}):
+        other_loss, other_grads, _ = _one_step(short, **other)
+        assert abs(other_loss - loss) < 1e-5, other
+        assert other_grads.keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(other_grads[name], g, rtol=1e-4, atol=1e-7, msg=f"{other} {name}")
+    frozen_loss, frozen_grads, forwards = _one_step(short, context_frozen="on", forward_layout="per_example")
+    assert forwards == [(1, True)] * 4 and abs(frozen_loss - loss) < 1e-5
+    for name in ("lm_head.weight", "model.norm.weight"):
+        torch.testing.assert_close(frozen_grads[name], grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.allclose(frozen_grads[up], grads[up], rtol=1e-2, atol=1e-6)
+    long = [random_example(rng, c, r) for c, r in [(600, 20), (300, 40), (160, 30), (200, 10)]]
+    loss, grads, forwards = _one_step(long)
+    assert forwards == [(1, True)] * 4
+    padded_loss, padded_grads, forwards = _one_step(long, forward_layout="padded")
+    assert forwards == [(4, True)] and abs(padded_loss - loss) < 1e-5
+    for name, g in grads.items():
+        torch.testing.assert_close(padded_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_warmup_over_the_run_and_set_lr() -> None:

@@ -24,8 +24,10 @@ Batching: one padded layout for both modes. Row i is [left pad][context_i][reply
 so every context ends at column C-1 and every reply starts at column C: one cache holds the
 whole batch. position_ids come from the mask, so padding does not shift positions; the Gated
 DeltaNet zeroes padded inputs, so its state stays exactly zero through the left padding. A
-batch of one has no padding: that is what the trainer runs by default (train.forward_layout =
-'per_example', chosen on the measurements in docs/benchmarks.md).
+batch of one has no padding. Which the trainer runs is chosen per batch by length
+(`per_example`, `wants_frozen`; thresholds measured in docs/benchmarks.md): short contexts run
+the full forward and short batches one padded forward, where the second forward and the
+per-call overhead would cost more than they save.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from transformers.cache_utils import LinearAttentionLayer
 from dreamd.train.examples import IGNORE_INDEX, Encoded
 
 FrozenMode = Literal["auto", "on", "off"]
+Layout = Literal["auto", "per_example", "padded"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,11 +150,23 @@ def align(examples: list[Encoded], pad_id: int, device: torch.device | str = "cp
     )
 
 
-def wants_frozen(example: Encoded, mode: FrozenMode) -> bool:
-    """'auto': frozen when the context is longer than the reply (then it saves memory)."""
+def wants_frozen(example: Encoded, mode: FrozenMode, min_context: int) -> bool:
+    """'auto': frozen when the context has at least `min_context` tokens (train.frozen_min_context:
+    below it the second forward costs more than the skipped backward saves) and is longer than
+    the reply (then it saves memory)."""
     if mode == "auto":
-        return example.context_len > example.reply_len
+        return example.context_len >= min_context and example.context_len > example.reply_len
     return mode == "on"
+
+
+def per_example(batch: list[Encoded], layout: Layout, padded_max_tokens: int) -> bool:
+    """One forward per example, or the batch padded together? 'auto': padded while the batch's
+    longest example has at most `padded_max_tokens` tokens (train.padded_max_tokens: short
+    forwards are dominated by per-call overhead, long padded ones by the padding and the explicit
+    mask), per example above. The gradient is the same either way."""
+    if layout == "auto":
+        return max(e.n_tokens for e in batch) > padded_max_tokens
+    return layout == "per_example"
 
 
 # ---------------------------------------------------------------------------------------------

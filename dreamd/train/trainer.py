@@ -34,7 +34,7 @@ from dreamd.errors import CycleFailed
 from dreamd.train.activation_memory import SavedTensorMeter
 from dreamd.train.mix import batch_counts
 from dreamd.train.bf16 import LowPrecisionWeights
-from dreamd.train.context_frozen import AlignedBatch, align, reply_nll, wants_frozen
+from dreamd.train.context_frozen import AlignedBatch, align, per_example, reply_nll, wants_frozen
 from dreamd.train.examples import Encoded
 from dreamd.train.optim import build_optimizer, load_optimizer_state_dict, optimizer_state_dict
 
@@ -121,15 +121,15 @@ class Trainer:
                                   "rolling back")
 
     def micro_batches(self, batch: list[Encoded]) -> list[tuple[AlignedBatch, bool]]:
-        """The forwards of one step: per example ('per_example'), or the context-frozen
-        examples padded together and the rest padded together ('padded')."""
-        mode = self.cfg.context_frozen
-        if self.cfg.forward_layout == "per_example":
-            return [(align([e], self.pad_id, self.device), wants_frozen(e, mode)) for e in batch]
-        frozen = [e for e in batch if wants_frozen(e, mode)]
-        full = [e for e in batch if not wants_frozen(e, mode)]
-        return [(align(group, self.pad_id, self.device), is_frozen)
-                for group, is_frozen in ((frozen, True), (full, False)) if group]
+        """The forwards of one step, chosen by length (context_frozen.per_example and
+        wants_frozen): one per example, or the context-frozen examples padded together and the
+        rest padded together."""
+        cfg = self.cfg
+        frozen = {id(e): wants_frozen(e, cfg.context_frozen, cfg.frozen_min_context) for e in batch}
+        if per_example(batch, cfg.forward_layout, cfg.padded_max_tokens):
+            return [(align([e], self.pad_id, self.device), frozen[id(e)]) for e in batch]
+        groups = ([e for e in batch if frozen[id(e)]], True), ([e for e in batch if not frozen[id(e)]], False)
+        return [(align(group, self.pad_id, self.device), is_frozen) for group, is_frozen in groups if group]
 
     def train_step(self, batch: list[Encoded]) -> StepResult:
         assert batch, "an empty batch"
