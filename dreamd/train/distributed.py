@@ -36,6 +36,7 @@ What each rank does per optimizer step (ShardedTrainer):
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -410,6 +411,11 @@ def run_follower(cfg: Any, world: World) -> int:
     """`dreamd run` on ranks 1..: no store, no engine, no daemon; the training shards only."""
     from dreamd.models import apply_threads, resolve_device
 
+    # A stop (systemctl stop, Ctrl-C: torchrun passes SIGTERM/SIGINT to every rank) is rank 0's
+    # to carry out at a step boundary, and it needs these ranks for its checkpoint; then it
+    # says exit. A rank that must die now is killed (SIGKILL), and torchrun ends the world.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     apply_threads(cfg.run.threads)
     device = init_world(world, resolve_device(cfg.run.device))
     torch.manual_seed(cfg.run.seed)
