@@ -1,7 +1,8 @@
 """`torchrun --nproc-per-node 2 -m dreamd run` for real (gloo, one torch thread per rank, the
 tiny llama, the transformers engine): two cycles; exact resume on the same world size; a rank
-killed with SIGKILL mid-cycle, then a restart; and a single process resuming the sharded run
-from its checkpoint's HF export (the weights, 2 -> 1)."""
+killed with SIGKILL mid-cycle, then a restart; a stop mid-cycle (SIGTERM) and its exact
+resume; and a single process resuming the sharded run from its checkpoint's HF export (the
+weights, 2 -> 1)."""
 
 from __future__ import annotations
 
@@ -135,6 +136,32 @@ def test_two_ranks_run_resume_exactly_survive_a_kill_and_reshard_to_one(setup_di
     assert steps_z[:STEPS_PER_CYCLE] == steps_x[:STEPS_PER_CYCLE]
     assert store_rows(url_z, "SELECT 1 FROM train_steps WHERE status = 'superseded'")
     weights(z)
+
+    # ---- W: a stop (SIGTERM to every rank, as systemd's control-group kill sends it) while
+    # cycle 2 trains: rank 0 checkpoints at the step boundary with ranks 1.. (they ignore
+    # SIGTERM), the cycle is 'stopped'; a new world trains its remaining batches: equal to X
+    # bit for bit --------------------------------------------------------------------------
+    w = tmp_path / "w"
+    config_w = write_config(setup_dir, tmp_path / "w.toml", w, **FIELDS)
+    log_w = tmp_path / "w.log"
+    proc = torchrun_dreamd(config_w, log_w, 2)
+    try:
+        wait_until(lambda: (w / "dreamd.sqlite").exists() and steps_after(sqlite_url(w), STEPS_PER_CYCLE), 600,
+                   "cycle 2 training", every=0.2)
+        ranks = [rank_pid(proc.pid, r) for r in range(2)]
+        assert None not in ranks, log_w.read_text()[-2000:]
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        assert finish(proc, log_w) == 0, log_w.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill_world(proc)
+    assert store_rows(sqlite_url(w), "SELECT status FROM cycles WHERE number = 2") == [{"status": "stopped"}]
+    ran(config_w, log_w, 1)
+    assert store_rows(sqlite_url(w), STEP_SQL) == steps_x
+    assert store_rows(sqlite_url(w), TRAINED_SQL) == trained
+    ww = weights(w)
+    assert all(torch.equal(wx[k], ww[k]) for k in wx)
 
     # ---- one process resumes Y's sharded checkpoint: its HF export, a fresh optimizer ------
     from tests.daemon_process import cli
