@@ -59,7 +59,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.cycles < 0:
             raise UsageError(f"--cycles {args.cycles}: pass 0 (forever) or a positive number")
         cfg.run.cycles = args.cycles
-    return run_daemon(cfg, once=args.command == "once", schedule=not args.now)
+    from dreamd.train.distributed import finish, run_follower, torchrun_world
+
+    world = torchrun_world()   # under torchrun: rank 0 is the daemon, the others train with it
+    if world is not None and not world.is_main:
+        return run_follower(cfg, world)
+    code = run_daemon(cfg, once=args.command == "once", schedule=not args.now)
+    finish(world)    # not after an exception: the world may be broken, torchrun ends the others
+    return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:

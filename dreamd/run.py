@@ -170,7 +170,8 @@ class Run:
         try:
             saved = self.checkpoints.save(model=self.model, tokenizer=self.tokenizer,
                                           trainer_state=self.trainer.state_dict(), loop_state=loop_state,
-                                          config=self.cfg, metrics=metrics)
+                                          config=self.cfg, metrics=metrics,
+                                          write_shards=getattr(self.trainer, "save_shards", None))
             self.store.add_checkpoint(self.run_id, cycle_id, self.trainer.step, saved.path, saved.sha256,
                                       saved.bytes)
             removed = {str(p) for p in self.checkpoints.prune()}
@@ -205,10 +206,14 @@ class Run:
         window.after_train(self.model)
         self.window = None
         before = {**asdict(state.settings), "step": self.trainer.step}
-        self.trainer = Trainer(self.model, self.cfg.train, self.cfg.optimizer, seed=self.cfg.run.seed)
+        sharded = getattr(self.trainer, "world", None) is not None   # train/distributed.py
+        if not sharded:
+            self.trainer = Trainer(self.model, self.cfg.train, self.cfg.optimizer, seed=self.cfg.run.seed)
         if latest is not None:
             restored = restore(self.trainer, load_checkpoint(latest, map_location=str(self.trainer.device)))
         else:
+            if sharded:
+                self.trainer.reset(dict(self.model.named_parameters()))
             seed_global_rngs(self.cfg.run.seed)
             restored = RunState.fresh(state.run_id, self.cfg)
         self.store.supersede_after(self.run_id, self.trainer.step - 1)
@@ -224,8 +229,12 @@ class Run:
 
 def restore(trainer: Trainer, ck: LoadedCheckpoint) -> RunState:
     """Optimizer, RNGs and the run state from a loaded checkpoint (the weights are loaded by the
-    caller): the same for a resume and a rollback."""
-    trainer.load_state_dict(ck.trainer_state)
+    caller; a sharded trainer loads its shards, on every rank): the same for a resume and a
+    rollback."""
+    if getattr(trainer, "world", None) is not None:
+        trainer.restore_checkpoint(ck.path, ck.trainer_state)
+    else:
+        trainer.load_state_dict(ck.trainer_state)
     ck.restore_rng()
     return RunState.from_json(ck.loop_state)
 
@@ -237,6 +246,7 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     from dreamd.evals.suite import ProbeSuite
     from dreamd.models import apply_threads, load_model, resolve_device
     from dreamd.train.checkpoint import CheckpointDir, load_checkpoint
+    from dreamd.train.distributed import init_world, open_sharded_trainer, torchrun_world
     from dreamd.store.claim import RunClaim
     from dreamd.store.record import Store
     from dreamd.train.trainer import Trainer
@@ -269,6 +279,9 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
                                                        "set_aside_as": f".corrupt-{name}"})
         log.warning("run.checkpoint_skipped", checkpoint=name, reason=problem)
     device = resolve_device(cfg.run.device)
+    world = torchrun_world()    # None: one process, as always; else rank 0 of a sharded run
+    if world is not None:
+        device = init_world(world, device)
     # A process starts with a random torch seed (torch.initial_seed() differs per process), so
     # the RNG states saved in checkpoints differed between two runs of one config. Seed every
     # global RNG from run.seed; a resume restores the checkpoint's states over these below.
@@ -277,7 +290,10 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     model, tokenizer = load_model(model_cfg, device)
     # The engine before the optimizer: vLLM sizes its KV cache against the memory free now.
     engine = make_engine(cfg, model, tokenizer, threads=threads)
-    trainer = Trainer(model, cfg.train, cfg.optimizer, seed=cfg.run.seed)
+    if world is None:
+        trainer = Trainer(model, cfg.train, cfg.optimizer, seed=cfg.run.seed)
+    else:   # `model` is the full copy rank 0 serves and evaluates; the trainer's is sharded
+        trainer = open_sharded_trainer(cfg, world, device, serving=model)
 
     if latest is None:
         state = RunState.fresh(run_id, cfg)

@@ -17,6 +17,12 @@ import torch
 from torch import nn
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's own tensor: its shard when FSDP2 shards it (a DTensor has no storage).
+    Sharded, the layers save the all-gathered weights, which are not parameters: they count."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 class SavedTensorMeter:
     """Context manager: `.bytes` = unique non-parameter bytes saved for backward inside it."""
 
@@ -38,7 +44,7 @@ class SavedTensorMeter:
         return t
 
     def __enter__(self) -> SavedTensorMeter:
-        self._param_storages = {p.untyped_storage().data_ptr() for p in self._model.parameters()}
+        self._param_storages = {_local(p).untyped_storage().data_ptr() for p in self._model.parameters()}
         self._seen.clear()
         self.bytes = 0
         self._hooks.__enter__()

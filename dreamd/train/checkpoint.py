@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -300,13 +300,16 @@ class CheckpointDir:
 
     def save(self, *, model: Any, tokenizer: Any | None, trainer_state: Mapping[str, Any],
              loop_state: Mapping[str, Any], config: Config | None = None,
-             metrics: Mapping[str, float] | None = None) -> SavedCheckpoint:
+             metrics: Mapping[str, float] | None = None,
+             write_shards: Callable[[Path], None] | None = None) -> SavedCheckpoint:
         """Write one checkpoint atomically and return its name, sha256 and size.
 
         model: anything with save_pretrained(dir) (a transformers PreTrainedModel).
         trainer_state: the trainer's state_dict (must load with weights_only=True).
         loop_state: JSON-serialisable dict (run_id, cycle, step, ...).
         metrics: values kept in the marker; retention picks the best by `best_metric`.
+        write_shards: a sharded run's DCP save of every rank's shards into the temp dir
+        (train/sharded_checkpoint.py), before the files are hashed and the marker written.
         """
         started = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -324,6 +327,8 @@ class CheckpointDir:
             _torch_save(dict(trainer_state), tmp / TRAINER_STATE, "trainer_state")
             _torch_save(capture_rng_state(), tmp / RNG_STATE, "rng state")
             _write_json(tmp / LOOP_STATE, dict(loop_state))
+            if write_shards is not None:
+                write_shards(tmp)
             if config is not None:
                 (tmp / CONFIG_TOML).write_text(to_toml(config))
             fsync_tree(tmp)

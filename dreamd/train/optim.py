@@ -101,7 +101,7 @@ def _projector_to_dict(projector: Any) -> dict[str, Any]:
     return {k: getattr(projector, k) for k in PROJECTOR_KEYS}
 
 
-def _projector_from_dict(d: dict[str, Any]) -> Any:
+def projector_from_dict(d: dict[str, Any]) -> Any:
     from apollo_torch.random_projector import GradientProjector
 
     projector = GradientProjector(d["rank"], update_proj_gap=d["update_proj_gap"], scale=d["scale"],
@@ -132,7 +132,7 @@ def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict[str, An
     for idx, s in sd["state"].items():
         s = dict(s)
         if isinstance(s.get("projector"), dict):
-            s["projector"] = _projector_from_dict(s["projector"])
+            s["projector"] = projector_from_dict(s["projector"])
         state[idx] = s
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
     for p, s in optimizer.state.items():

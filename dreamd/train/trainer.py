@@ -142,20 +142,12 @@ class Trainer:
             group["lr"] = lr
 
         n_labels = sum(e.reply_len for e in batch)
-        nll_total, peak_saved, real, slots = 0.0, 0, 0, 0
-        for aligned, frozen in self.micro_batches(batch):
-            with self.meter:
-                nll = reply_nll(self.model, aligned, frozen)
-            (nll / n_labels).backward()
-            nll_total += nll.item()
-            peak_saved = max(peak_saved, self.meter.bytes)
-            real, slots = real + aligned.n_real_tokens, slots + aligned.n_slots
+        nll_total, peak_saved, real, slots = self.forward_backward(batch, n_labels)
         loss = nll_total / n_labels
 
         if self.low_precision:
             self.low_precision.prepare()
-        grads = [p for p in self.opt_params.values() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.grad_clip))
+        grad_norm = self.clip_grads()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         landed = None
         if skipped:
@@ -164,7 +156,7 @@ class Trainer:
                 self.low_precision.discard_grads()
         else:
             self.nonfinite_in_a_row = 0
-            self.optimizer.step()
+            self.optimizer_step()
             if self.low_precision:
                 landed = self.low_precision.write_back()
         self.optimizer.zero_grad(set_to_none=True)
@@ -183,6 +175,32 @@ class Trainer:
         )
         self.step += 1
         return result
+
+    # ---- the parts of a step that a sharded trainer (train/distributed.py) replaces -----------
+    def forward_backward(self, batch: list[Encoded], n_labels: int) -> tuple[float, int, int, int]:
+        """Every micro-forward of `batch` and its backward (loss scaled by 1 / n_labels):
+        (summed reply NLL, peak saved-activation bytes, real tokens, slots)."""
+        nll_total, peak_saved, real, slots = 0.0, 0, 0, 0
+        for aligned, frozen in self.micro_batches(batch):
+            nll_total += self.micro_step(aligned, frozen, n_labels)
+            peak_saved = max(peak_saved, self.meter.bytes)
+            real, slots = real + aligned.n_real_tokens, slots + aligned.n_slots
+        return nll_total, peak_saved, real, slots
+
+    def micro_step(self, aligned: AlignedBatch, frozen: bool, n_labels: int) -> float:
+        """One micro-forward (activations metered) and its backward; its summed reply NLL."""
+        with self.meter:
+            nll = reply_nll(self.model, aligned, frozen)
+        (nll / n_labels).backward()
+        return nll.item()
+
+    def clip_grads(self) -> float:
+        """Clip the global gradient norm to train.grad_clip; the norm before clipping."""
+        grads = [p for p in self.opt_params.values() if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.grad_clip))
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
 
     # ---- exact resume -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -207,7 +225,8 @@ class Trainer:
         self.nonfinite_in_a_row = sd["nonfinite_in_a_row"]
         if self.low_precision:
             self.low_precision.load_state_dict(sd["low_precision"])
-        load_optimizer_state_dict(self.optimizer, sd["optimizer"])
+        if sd["optimizer"] is not None:    # None: a sharded run's checkpoint (its optimizer is
+            load_optimizer_state_dict(self.optimizer, sd["optimizer"])   # in the DCP shards)
         self.generator.set_state(sd["generator"])
         torch.set_rng_state(sd["torch_rng"])
         if sd["cuda_rng"] is not None and self.device.type == "cuda":
