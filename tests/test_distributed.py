@@ -27,13 +27,15 @@ from tests.fixtures_models import random_example, tiny_model  # noqa: E402
 
 # name -> (arch, TrainConfig, OptimizerConfig): the cases test_distributed compares with one process
 CASES = {
-    "apollo": ("llama", TrainConfig(lr=1e-3, warmup_steps=0, context_frozen="auto", grad_clip=0.5),
+    "apollo": ("llama", TrainConfig(lr=1e-3, warmup_steps=0, context_frozen="auto", grad_clip=0.5,
+                                       forward_layout="per_example", frozen_min_context=1),
                OptimizerConfig(rank=8, update_proj_gap=2, weight_decay=0.01)),
     "apollo_mini": ("llama", TrainConfig(lr=1e-3, warmup_steps=0, context_frozen="on"),
                     OptimizerConfig(rank=1, scale_type="tensor", update_proj_gap=2)),
     "adamw_padded": ("llama", TrainConfig(lr=1e-3, warmup_steps=0, forward_layout="padded"),
                      OptimizerConfig(name="adamw", weight_decay=0.01)),
-    "apollo_qwen35": ("qwen3.5", TrainConfig(lr=1e-3, warmup_steps=0, context_frozen="auto"),
+    "apollo_qwen35": ("qwen3.5", TrainConfig(lr=1e-3, warmup_steps=0, context_frozen="auto",
+                                                forward_layout="per_example", frozen_min_context=1),
                       OptimizerConfig(rank=4, update_proj_gap=2)),
 }
 STEPS = 3
