@@ -24,6 +24,8 @@ from dreamd.evals.steering import steering_metrics
 
 ATTENTION_BASELINE = "attention_baseline.pt"
 Q1_BASELINE = "q1_baseline.json"
+PROBE_PARTS = ("attention", "behaviour", "steering", "calibration", "code")
+"""The parts of `measure`, in the order it runs them (and names them to its progress callback)."""
 
 
 @dataclass
@@ -56,10 +58,12 @@ class ProbeSuite:
         return (self.dir / ATTENTION_BASELINE).is_file() and (self.dir / Q1_BASELINE).is_file()
 
     def measure(self, model: Any, tokenizer: Any, engine: Any, seed: int, store: Any = None,
-                run_id: int | None = None, cycle_id: int | None = None) -> Measurement:
+                run_id: int | None = None, cycle_id: int | None = None,
+                progress: Callable[[str, int], None] | None = None) -> Measurement:
         """Every probe metric of the model now. The first call of a run (no baseline on disk)
         saves the start maps and labels, so its Q3 shift is 0 by definition. With a store and
-        a cycle id, also checks that the cycle trained nothing of the probes (probes.*)."""
+        a cycle id, also checks that the cycle trained nothing of the probes (probes.*).
+        `progress(part, parts_done)` is called as each of PROBE_PARTS starts."""
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
         seconds: dict[str, float] = {}
@@ -69,6 +73,11 @@ class ProbeSuite:
             metrics.update(result[0])
             details.update(result[1])
             seconds[name] = round(time.perf_counter() - t0, 3)
+            if progress is not None and len(seconds) < len(PROBE_PARTS):
+                progress(PROBE_PARTS[len(seconds)], len(seconds))
+
+        if progress is not None:
+            progress(PROBE_PARTS[0], 0)
 
         first = not self.has_baseline
         attention_probes = self.probe_set.attention
