@@ -37,8 +37,10 @@ log = get_logger("dreamd.daemon")
 MAX_FAILED_CYCLES_IN_A_ROW = 3
 
 # Progress reaches the terminal, STATUS= and the status file at most this often (a template
-# dreamer writes hundreds of candidates a second); a new phase and a finished count always do.
-PROGRESS_SPACING_S = 0.25
+# dreamer writes hundreds of candidates a second); a new stage or part and a finished count
+# always do. One status file write costs ~4 ms on a loaded 2-core box: at 1/s that is <0.5% of
+# the loop (benchmarks/progress_overhead.py, docs/benchmarks.md).
+PROGRESS_SPACING_S = 1.0
 
 
 @dataclass
