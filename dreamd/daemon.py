@@ -84,6 +84,7 @@ class Daemon:
         self.now: Progress | None = None
         """How far the phase under way is (None: a phase without a count)."""
         self._shown_at = 0.0
+        self._shown_pause_request = False
         self.block_reason = ""
         self._said_waiting: tuple[str, Any] | None = None
         self._resumed_batches: int | None = None
@@ -126,6 +127,7 @@ class Daemon:
         if progress is not None:
             self.now = progress
         self._shown_at = time.monotonic()
+        self._shown_pause_request = self.control.pause_requested
         shown = "paused" if self.control.paused else self.phase
         cycle = self.cycle_number if self.cycle_number is not None else self.state.cycle + 1 if self.state else None
         detail = self.now.text() if self.now is not None else ""
@@ -144,7 +146,9 @@ class Daemon:
                 and self.now.what.startswith("baseline evaluation"):
             progress = Progress(f"baseline evaluation: {progress.what}", progress.done, progress.total)
         finished = progress.done is not None and progress.done == progress.total
-        if self.now is None or finished or progress.what != self.now.what or \
+        # A pause signalled by hand (no `dreamd pause` request file) shows as pending at once.
+        pending_news = self.control.pause_requested and not self._shown_pause_request
+        if self.now is None or finished or pending_news or progress.what != self.now.what or \
                 time.monotonic() - self._shown_at >= PROGRESS_SPACING_S:
             self.publish(progress=progress)
         else:

@@ -353,15 +353,16 @@ def test_every_phase_reports_progress_and_one_step_number_everywhere(setup_dir, 
     env = child_env(NOTIFY_SOCKET=notify.env_value)
     d = DaemonProcess(config, state, tmp_path / "daemon.log", env=env, args=("--now", "--cycles", "2")).start()
     daemons.append(d)
-    wait_until(lambda: (max_step(url) or 0) >= 5, 120, "a step of the second cycle")
-    assert cli(config, "pause").returncode == 0
+    d.wait_ready(240)                                        # the store is migrated by then
+    wait_until(lambda: (max_step(url) or 0) >= 5, 300, "a step of the second cycle")
+    d.send(signal.SIGUSR1)                                   # at once: the cycle has 2 steps left
     st = d.wait_status(lambda s: s["paused"], 60, "paused")
     status, last = cli_status(config), max_step(url)
     said = [e for e in d.log_lines() if e.get("event") == "control" and e.get("action") == "pause"]
     assert st["step"] == status["step"] == said[-1]["step"] == last, (st, status, said, last)
     assert st["progress"] == f"step {last - 3}/4" or st["progress"].startswith(f"step {last - 3}/4 ")
-    assert cli(config, "resume").returncode == 0
-    assert d.wait(180) == 0, d.log_tail()
+    d.send(signal.SIGUSR2)
+    assert d.wait(300) == 0, d.log_tail()
 
     last = max_step(url)
     stopped = [e for e in d.log_lines() if e.get("event") == "daemon.stopped"][-1]
@@ -382,3 +383,33 @@ def test_every_phase_reports_progress_and_one_step_number_everywhere(setup_dir, 
     for i, part in enumerate(("forgetting", "attention", "behaviour", "steering", "calibration", "code")):
         assert f"cycle 1: evaluate {part} {i}/6" in shown, shown
     assert "cycle 2: paused step" in " ".join(shown)
+
+
+def test_a_pause_signalled_by_hand_shows_as_pending_at_the_next_progress_report(tmp_path):
+    """SIGUSR1 from `systemctl kill` writes no request file: the daemon itself says the pause is
+    pending in status.json at its next progress report, not a second later, and drops it once
+    the step boundary applied it."""
+    import os
+
+    from dreamd.config import Config
+    from dreamd.daemon import Daemon
+    from dreamd.log import Progress
+    from dreamd.status import read_status
+
+    cfg = Config()
+    cfg.run.state_dir = tmp_path
+    daemon = Daemon(cfg)
+    daemon.control.install()
+    try:
+        daemon._on_progress(Progress("accepted", 1, 24))
+        assert read_status(tmp_path)["pause_requested"] is False
+        os.kill(os.getpid(), signal.SIGUSR1)                 # a real signal to this process
+        daemon._on_progress(Progress("accepted", 2, 24))     # well inside the 1 s spacing
+        st = read_status(tmp_path)
+        assert st["pause_requested"] is True and st["paused"] is False and st["progress"] == "accepted 2/24"
+        daemon.control.poll()                                # the step boundary
+        daemon.publish()
+        st = read_status(tmp_path)
+        assert st["paused"] is True and st["pause_requested"] is False and st["phase"] == "paused"
+    finally:
+        daemon.control.close()
