@@ -8,7 +8,10 @@
         cycle failed (NaN losses, ...) -> back to the last checkpoint; 3 in a row -> pause
         controller halt -> back to the last checkpoint, pause
         checkpoint write failed (disk full) -> one error line, exit 1 (systemd restarts us)
-    STOPPING=1 -> run row 'stopped' (or 'finished' after run.cycles) -> exit 0
+    STOPPING=1 -> run row 'stopped' (or 'finished' after run.cycles) -> summary line -> exit 0
+
+Progress: every phase reports a Progress (RunHooks.on_progress; train steps and the wait are
+counted here) and `publish` shows it on STATUS=, in status.json and, on a TTY, as one line.
 
 WATCHDOG=1 is sent only from places that prove the loop moves: step boundaries, the schedule
 wait and the pause wait; a cycle stuck inside one step starves it and systemd restarts us.
