@@ -94,9 +94,14 @@ def cmd_signal(args: argparse.Namespace) -> int:
 
         print(record_pause_offline(cfg, paused=args.command == "pause"))
         return 0
-    sig = signal.SIGUSR1 if args.command == "pause" else signal.SIGUSR2
-    pid = signal_daemon(cfg.run.state_dir, sig)
-    print(f"dreamd: sent {sig.name} to pid {pid} ({args.command})")
+    if args.command == "resume":
+        pid = signal_daemon(cfg.run.state_dir, signal.SIGUSR2)
+        print(f"dreamd: sent SIGUSR2 to pid {pid} (resume)")
+        return 0
+    from dreamd.status import request_pause
+
+    pid, line = request_pause(cfg)
+    print(f"dreamd: sent SIGUSR1 to pid {pid} (pause): {line}")
     return 0
 
 

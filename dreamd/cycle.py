@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dreamd.controller import ControllerDecision, decide
 from dreamd.errors import ControllerHalt, CycleFailed
-from dreamd.log import get_logger
+from dreamd.log import Progress, get_logger
 from dreamd.run import Run, RunState
 from dreamd.train.examples import Encoded, encode_scenario
 from dreamd.train.mix import kind_quotas, make_batches
@@ -63,6 +63,8 @@ def dream_and_screen(run: Run, state: RunState, cycle_id: int, rng: random.Rando
     quotas = kind_quotas(cfg.mix, cfg.train.batch_size, settings.examples_per_cycle, settings.general_share)
     accepted: list[Encoded] = []
     rejected = 0
+    wanted = sum(quotas.values())
+    run.hooks.on_progress(Progress("accepted", 0, wanted, note="written 0"))
     for kind, need in quotas.items():
         got, attempts = 0, 0
         budget = need * cfg.dream.max_attempts_factor
@@ -82,12 +84,14 @@ def dream_and_screen(run: Run, state: RunState, cycle_id: int, rng: random.Rando
             encoded = verdict.encoded
             ok = verdict.ok and saved.duplicate_of is None
             run.dreamer.observe(scenario, ok)    # the model dreamer adapts its temperature
-            if not ok:
+            if ok:
+                encoded.scenario_id = saved.id
+                accepted.append(encoded)
+                got += 1
+            else:
                 rejected += 1
-                continue
-            encoded.scenario_id = saved.id
-            accepted.append(encoded)
-            got += 1
+            run.hooks.on_progress(Progress("accepted", len(accepted), wanted,
+                                           note=f"written {len(accepted) + rejected}"))
     return accepted, rejected
 
 
@@ -279,8 +283,8 @@ def stop_mid_train(run: Run, state: RunState, number: int, cycle_id: int,
     with run.phase(cycle_id, "checkpoint"):
         run.checkpoint(cycle_id, state, {})
     run.store.finish_cycle(cycle_id, "stopped",
-                             error=f"stopped at step {run.trainer.step}; {len(remaining)} batches "
+                             error=f"stopped after step {run.trainer.last_step}; {len(remaining)} batches "
                                    "resume at next start")
-    log.info("cycle.stopped", cycle=number, step=run.trainer.step, remaining_batches=len(remaining))
+    log.info("cycle.stopped", cycle=number, step=run.trainer.last_step, remaining_batches=len(remaining))
     return CycleResult(number=number, cycle_id=cycle_id, status="stopped",
                        seconds=time.perf_counter() - t0)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from dreamd.config import Config, ModelConfig
 from dreamd.controller import ControllerDecision, Settings
 from dreamd.errors import CheckpointFailed
-from dreamd.log import get_logger
+from dreamd.log import Progress, get_logger
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from dreamd.train.trainer import StepResult, Trainer
 
 log = get_logger("dreamd.run")
+
+STARTUP_STAGES = ("open store", "load model", "build engine", "probes", "dreamer", "baseline evaluation")
+"""What open_run reports as it goes (Progress: stage k of n); the baseline evaluation runs only
+for a run without a checkpoint or start metrics."""
 
 
 @dataclass
@@ -85,6 +89,9 @@ class RunHooks:
     """Called after every optimizer step (the daemon: pause/stop at step boundaries, watchdog)."""
     on_phase: Callable[[str, int | None], None] = lambda name, cycle: None
     """Called when a phase starts (the daemon: systemd STATUS=)."""
+    on_progress: Callable[[Progress], None] = lambda progress: None
+    """Called as the phase under way moves (startup stages, candidates dreamed, evaluation
+    parts); the daemon shows it on a terminal, as STATUS= and in the status file."""
     should_stop: Callable[[], bool] = lambda: False
     """Polled at step boundaries and between dreamed candidates (the daemon: SIGTERM/SIGINT)."""
 
@@ -159,7 +166,10 @@ class Run:
 
         measured = self.probes.measure(self.model, self.tokenizer, self.engine, self.cfg.run.seed,
                                        self.store, self.run_id, cycle_id, eval_cfg=self.cfg.eval,
-                                       full=full_suite_due(self.cfg.eval, number))
+                                       full=full_suite_due(self.cfg.eval, number),
+                                       progress=lambda part, done, parts: self.hooks.on_progress(
+                                           Progress(part, done, parts)))
+        self.hooks.on_progress(Progress("done", 1, 1))
         return measured.metrics, dict(measured.details)
 
     def checkpoint(self, cycle_id: int, state: RunState, metrics: dict[str, float]) -> Path:
@@ -205,7 +215,7 @@ class Run:
         window = self.window if self.window is not None else self.open_window()
         window.after_train(self.model)
         self.window = None
-        before = {**asdict(state.settings), "step": self.trainer.step}
+        before = {**asdict(state.settings), "step": self.trainer.last_step}
         sharded = getattr(self.trainer, "world", None) is not None   # train/distributed.py
         if not sharded:
             self.trainer = Trainer(self.model, self.cfg.train, self.cfg.optimizer, seed=self.cfg.run.seed)
@@ -218,7 +228,7 @@ class Run:
             restored = RunState.fresh(state.run_id, self.cfg)
         self.store.supersede_after(self.run_id, self.trainer.step - 1)
         if decision is None:
-            after = {**asdict(restored.settings), "step": self.trainer.step}
+            after = {**asdict(restored.settings), "step": self.trainer.last_step}
             self.store.add_decision(self.run_id, None, "rollback", reason, before, after,
                                     {"checkpoint": latest.name if latest else None})
         else:
@@ -251,8 +261,14 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     from dreamd.store.record import Store
     from dreamd.train.trainer import Trainer
 
+    hooks = hooks or RunHooks()
+
+    def stage(name: str) -> None:  # 'starting: load model 2/6' (terminal, STATUS=, status file)
+        hooks.on_progress(Progress(name, STARTUP_STAGES.index(name), len(STARTUP_STAGES)))
+
     threads = apply_threads(cfg.run.threads)
     cfg.run.state_dir.mkdir(parents=True, exist_ok=True)
+    stage("open store")
     # ---- store: reachable now, or a clear error; migrations before anything else --------------
     store = Store.open(cfg.store_url, busy_timeout_ms=cfg.store.busy_timeout_ms)
     store.upgrade()
@@ -287,8 +303,10 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     # global RNG from run.seed; a resume restores the checkpoint's states over these below.
     seed_global_rngs(cfg.run.seed)
     model_cfg = cfg.model if latest is None else model_at(cfg, latest)
+    stage("load model")
     model, tokenizer = load_model(model_cfg, device)
     # The engine before the optimizer: vLLM sizes its KV cache against the memory free now.
+    stage("build engine")
     engine = make_engine(cfg, model, tokenizer, threads=threads)
     if world is None:
         trainer = Trainer(model, cfg.train, cfg.optimizer, seed=cfg.run.seed)
@@ -303,22 +321,25 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
         settle_checkpoint_rows(store, run_id, latest, ck)
         # Steps are 0-based: a checkpoint after `trainer.step` steps holds steps 0..step-1.
         gone = store.supersede_after(run_id, trainer.step - 1)
-        store.add_event(run_id, "restart", {"checkpoint": latest.name, "step": trainer.step,
+        store.add_event(run_id, "restart", {"checkpoint": latest.name, "step": trainer.last_step,
                                            "cycle": state.cycle, "superseded": gone._asdict()})
-        log.info("run.resumed", run_id=run_id, checkpoint=latest.name, step=trainer.step,
+        log.info("run.resumed", run_id=run_id, checkpoint=latest.name, step=trainer.last_step,
                  cycle=state.cycle, superseded=gone._asdict())
     if row is not None and latest is None:
         gone = store.supersede_after(run_id, -1)
-        store.add_event(run_id, "restart", {"checkpoint": None, "step": 0, "superseded": gone._asdict()})
+        store.add_event(run_id, "restart", {"checkpoint": None, "step": None, "superseded": gone._asdict()})
 
     # ---- probes: drawn once per run (stored, status 'probe'), held out of training by a
     # screening rule, and measured before the first cycle (the baseline, evals.cycle_id NULL) ----
+    stage("probes")
     probes = ProbeSuite.open(store, run_id, cfg.run.state_dir, TemplateDreamer(spec=cfg.spec_text))
+    stage("dreamer")
     dreamer, screener = open_dreaming(cfg, store, run_id, engine, model, tokenizer, probes)
     run = Run(cfg=cfg, store=store, run_id=run_id, model=model, tokenizer=tokenizer, engine=engine,
               trainer=trainer, checkpoints=checkpoints, probes=probes, dreamer=dreamer, screener=screener,
-              hooks=hooks or RunHooks(), claim=claim)
+              hooks=hooks, claim=claim)
     if latest is None and not store.start_metrics(run_id):
+        stage("baseline evaluation")
         with run.phase(None, "evaluate"):
             metrics, details = run.evaluate()
         store.add_evals(run_id, None, metrics, details=details)

@@ -125,8 +125,35 @@ def record_pause_offline(cfg: Config, paused: bool) -> str:
     if run is None:
         return line + f" (no run named {cfg.run.name!r} to mark yet)"
     store.set_paused(run.id, paused)
-    store.add_event(run.id, kind, f"{kind} requested by dreamd {kind} with no daemon running")
+    store.add_event(run.id, kind, {"requested_by": f"dreamd {kind}", "daemon": "not running",
+                                   "changed": True})
     return line + f" (run {run.id} marked {'paused' if paused else 'not paused'})"
+
+
+def request_pause(cfg: Config) -> tuple[int, str]:
+    """`dreamd pause` with a daemon running: the pause applies at its next step boundary (the
+    next optimizer step or cycle start), which can be minutes away in a long evaluation. The
+    request is written to the pause flag first (applied: false), so `dreamd status` says "pause
+    requested" at once and a restart before it applies still comes up paused; then SIGUSR1.
+    Returns the daemon's pid and what to expect."""
+    import signal
+
+    from dreamd.service.control import PauseFlag, signal_daemon
+
+    flag = PauseFlag(cfg.run.state_dir)
+    live = read_status(cfg.run.state_dir) or {}
+    if live.get("paused") or flag.read() is not None:
+        return signal_daemon(cfg.run.state_dir, signal.SIGUSR1), "already paused or requested"
+    flag.set("dreamd pause", applied=False)
+    try:
+        pid = signal_daemon(cfg.run.state_dir, signal.SIGUSR1)
+    except BaseException:
+        flag.clear()
+        raise
+    return pid, f"{PAUSE_PENDING}; `dreamd status` shows when it has"
+
+
+PAUSE_PENDING = "pause requested, takes effect at the next step"
 
 
 def print_status(cfg: Config, as_json: bool = False) -> int:
@@ -159,14 +186,23 @@ def print_status(cfg: Config, as_json: bool = False) -> int:
     # also pauses a start) says how the next start comes up.
     flag = daemon.paused
     out["paused"] = bool(live["paused"]) if live else (flag is not None or run_paused)
-    out["paused_by"] = ({"source": flag.source, "at": flag.paused_at} if flag is not None
+    out["paused_by"] = ({"source": flag.source, "at": flag.paused_at} if flag is not None and out["paused"]
                         else {"source": "store (runs.paused)", "at": None} if out["paused"] else None)
+    # A pause asked for but not applied yet (`dreamd pause` wrote its request; a signal sent by
+    # hand shows once the daemon next reports): it applies at the next step boundary.
+    requested = live is not None and not out["paused"] and (
+        bool(live.get("pause_requested")) or (flag is not None and not flag.applied))
+    out["pause_pending"] = (f"{PAUSE_PENDING} (requested by {flag.source} at {flag.paused_at})"
+                            if requested and flag is not None and not flag.applied
+                            else PAUSE_PENDING if requested else None)
     out["why_not_running"] = why_not_running(out, live)
     if as_json:
         print(json.dumps(out, default=str, indent=1))
     else:
         for k, v in out.items():
-            if isinstance(v, dict):  # paused_by: words, not a Python dict
+            if k == "paused_by" and v:  # words, not a Python dict: 'SIGUSR1 at 2026-...'
+                v = v["source"] + (f" at {v['at']}" if v["at"] else "")
+            elif isinstance(v, dict):
                 v = ", ".join(f"{key} {val}" for key, val in v.items() if val is not None)
             print(f"{k:>22}: {'-' if v is None else v}")
     sys.stdout.flush()

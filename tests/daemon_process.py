@@ -202,7 +202,10 @@ class DaemonProcess:
             return st if st.get("pid") == self.pid and predicate(st) else None
         return wait_until(check, timeout, what)
 
-    def wait_ready(self, timeout: float = 90) -> dict:
+    def wait_ready(self, timeout: float = 180) -> dict:
+        """Until READY=1 (phase 'ready' or later). A new run's start includes its own baseline
+        evaluation (status says 'starting: baseline evaluation: ...'; it once showed phase
+        'evaluate', which passed for ready), so on the shared 2-core box this takes longer."""
         return self.wait_status(lambda st: st.get("phase") not in (None, "starting"), timeout, "startup")
 
     def send(self, sig: signal.Signals) -> None:

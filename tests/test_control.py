@@ -278,11 +278,11 @@ def test_poll_applies_requests_in_order_and_reports_each(tmp_path):
     try:
         control.request_pause("SIGUSR1")
         control.request_pause("SIGUSR1")
-        assert not control.paused  # nothing applies before a boundary
+        assert not control.paused and control.pause_requested  # nothing applies before a boundary
         control.poll()
-        assert control.paused and flips == [True]
+        assert control.paused and not control.pause_requested and flips == [True]
         assert [e.changed for e in events] == [True, False]
-        assert "no change" in events[1].detail
+        assert events[1].detail["changed"] is False and events[1].detail["requested_by"] == "SIGUSR1"
         # Pause and resume inside one step: both are recorded, the net state is running.
         control.request_resume("SIGUSR2")
         control.request_pause("SIGUSR1")
@@ -406,3 +406,17 @@ def test_every_field_is_either_live_or_has_a_specific_refusal_reason():
         section, _, name = pattern.partition(".")
         assert section in Config.model_fields, pattern
         assert name == "*" or name in Config.model_fields[section].annotation.model_fields, pattern
+
+
+def test_a_pause_request_written_before_a_restart_is_applied_and_marked(tmp_path):
+    """`dreamd pause` writes its request into the flag (applied: false) before it signals; a
+    daemon that starts with such a flag pauses, and the flag then says applied, by whom asked."""
+    PauseFlag(tmp_path).set("dreamd pause", applied=False)
+    assert PauseFlag(tmp_path).read().applied is False
+    control = ControlState(tmp_path)
+    try:
+        control.poll()
+        record = PauseFlag(tmp_path).read()
+        assert control.paused and record.applied and record.source == "dreamd pause"
+    finally:
+        control.close()

@@ -8,6 +8,7 @@ to it only the way an operator would: the CLI, signals, the status file, the sto
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from dreamd.evals.suite import CHEAP_PARTS, FULL_PARTS
 from dreamd.store.db import head_revision
 from tests.daemon_process import (
     DaemonProcess,
@@ -36,8 +38,10 @@ def max_step(url: str) -> int | None:
 
 
 def events(url: str, kind: str | None = None) -> list[dict]:
+    """events rows, each detail a JSON object (every kind: docs/sql.md), parsed."""
     sql = "SELECT kind, detail FROM events" + (" WHERE kind = :k" if kind else "") + " ORDER BY id"
-    return store_rows(url, sql, **({"k": kind} if kind else {}))
+    rows = store_rows(url, sql, **({"k": kind} if kind else {}))
+    return [{**r, "detail": json.loads(r["detail"])} for r in rows]
 
 
 @pytest.fixture
@@ -75,31 +79,32 @@ def test_pause_resume_stop_through_the_cli_with_sd_notify(setup_dir, tmp_path, d
     # WatchdogSec 2 s: while paused the loop pings every 0.5 s (WatchdogSec / 4).
     pings = [t for t, f in notify.drain() if "WATCHDOG" in f and t >= paused_at]
     assert len(pings) >= 3 and max(b - a for a, b in itertools.pairwise(pings)) < 1.5, pings
-    assert any(v.endswith("paused") for v in notify.values("STATUS"))
+    # 'cycle 1: paused step 3/4 (loss 7.1)' inside a cycle, 'cycle 2: paused' between two
+    assert any(re.fullmatch(r"cycle \d+: paused( step \d+/\d+( \(loss .*\))?)?", v) for v in notify.values("STATUS"))
 
     status = cli_status(config)
     assert status["daemon"] == "running" and status["pid"] == d.pid
     assert status["paused"] and status["phase"] == "paused" and status["step"] == frozen
     assert status["cycle"] >= 1 and status["run_status"] == "running"
     assert store_rows(url, "SELECT paused FROM runs")[0]["paused"]
-    assert "requested by SIGUSR1" in events(url, "pause")[-1]["detail"]
+    assert events(url, "pause")[-1]["detail"]["requested_by"] == "SIGUSR1"
 
     done = cli(config, "resume")
     assert done.returncode == 0 and f"sent SIGUSR2 to pid {d.pid}" in done.stdout
     wait_until(lambda: (max_step(url) or 0) > frozen, 60, "training to go on after resume")
     assert not d.status()["paused"] and not store_rows(url, "SELECT paused FROM runs")[0]["paused"]
-    assert "requested by SIGUSR2" in events(url, "resume")[-1]["detail"]
+    assert events(url, "resume")[-1]["detail"]["requested_by"] == "SIGUSR2"
 
     d.send(signal.SIGTERM)
     assert d.wait() == 0
     assert notify.has("STOPPING", "1")
     phases = {v.split(": ", 1)[-1].split()[0] for v in notify.values("STATUS")}
     assert {"ready", "dream", "train", "evaluate", "checkpoint", "paused", "stopped"} <= phases
-    counted = [v for v in notify.values("STATUS") if re.fullmatch(r"cycle \d+: train step \d+/\d+", v)]
+    counted = [v for v in notify.values("STATUS") if re.fullmatch(r"cycle \d+: train step \d+/\d+( \(loss .*\))?", v)]
     assert counted, notify.values("STATUS")  # the promised step counter, once per optimizer step
     assert len(notify.values("WATCHDOG")) > len(pings)      # also pinged while training
     assert store_rows(url, "SELECT status FROM runs")[0]["status"] == "stopped"
-    assert "SIGTERM" in events(url, "stop")[-1]["detail"]
+    assert events(url, "stop")[-1]["detail"]["reason"] == "SIGTERM"
     assert not (state / "dreamd.pid").exists()
 
 
@@ -128,13 +133,13 @@ def test_pause_survives_a_restart_and_shows_in_status(setup_dir, tmp_path, daemo
     time.sleep(1.0)
     assert max_step(url) == frozen
     assert cli_status(config)["paused"]
-    assert "requested by pause flag" in events(url, "pause")[-1]["detail"]
+    assert events(url, "pause")[-1]["detail"]["requested_by"] == "pause flag"
     assert cli(config, "resume").returncode == 0
     wait_until(lambda: (max_step(url) or 0) > frozen, 60, "training after resume")
     assert not (state / "paused").exists()
     d2.send(signal.SIGINT)                                   # SIGINT stops like SIGTERM
     assert d2.wait() == 0
-    assert "SIGINT" in events(url, "stop")[-1]["detail"]
+    assert events(url, "stop")[-1]["detail"]["reason"] == "SIGINT"
 
 
 @pytest.mark.slow
@@ -184,7 +189,7 @@ def test_store_pause_without_the_flag_file_pauses_at_start(setup_dir, tmp_path, 
     daemons.append(d2)
     st = d2.wait_status(lambda s: s["paused"], 90, "paused by runs.paused")
     assert st["phase"] == "paused"
-    assert "requested by store" in events(shared, "pause")[-1]["detail"]
+    assert events(shared, "pause")[-1]["detail"]["requested_by"] == "store"
     d2.send(signal.SIGTERM)
     assert d2.wait() == 0
 
@@ -208,8 +213,8 @@ def test_sighup_applies_live_fields_at_the_next_cycle_and_refuses_the_rest(setup
     d.send(signal.SIGHUP)
     # Two rows: the request as the signal arrived, then what the reload did with each field.
     applied = lambda: [e for e in events(url, "reload") if "applied" in e["detail"]]
-    reload = wait_until(applied, 30, "the reload summary events row")[-1]["detail"]
-    assert "reload requested by SIGHUP" in events(url, "reload")[0]["detail"]
+    reload = wait_until(applied, 30, "the reload summary events row")[-1]["detail"]["summary"]
+    assert events(url, "reload")[0]["detail"]["requested_by"] == "SIGHUP"
     assert "applied mix.examples_per_cycle: 8 -> 12" in reload
     assert "applied screen.extra_honesty_patterns" in reload
     assert re.search(r"refused train\.lr: .*lr_min", reload)
@@ -326,8 +331,8 @@ def test_a_sighup_storm_with_broken_files_never_stops_the_run(setup_dir, tmp_pat
         seen = len(events(url, "reload"))
         config.write_bytes(content)
         d.send(signal.SIGHUP)
-        summary = wait_until(lambda: [e["detail"] for e in events(url, "reload")[seen:] if "reload failed" in e["detail"]
-                                      or "applied" in e["detail"] or "unchanged" in e["detail"]], 60, "the reload")
+        summary = wait_until(lambda: [e["detail"]["summary"] for e in events(url, "reload")[seen:]
+                                      if "summary" in e["detail"]], 60, "the reload")
         assert any("reload failed, config unchanged" in r and said in r for r in summary), summary
     config.write_text(good)
     before = len(store_rows(url, "SELECT id FROM cycles WHERE status = 'committed'"))
@@ -335,3 +340,79 @@ def test_a_sighup_storm_with_broken_files_never_stops_the_run(setup_dir, tmp_pat
                120, "a cycle committed after the storm")
     d.send(signal.SIGTERM)
     assert d.wait(300) == 0, d.log_tail()
+
+
+@pytest.mark.slow
+def test_every_phase_reports_progress_and_one_step_number_everywhere(setup_dir, tmp_path, daemons, notify):
+    """One real run under a real NOTIFY_SOCKET: STATUS= says how far each phase is (startup
+    stages, the start's own evaluation, candidates accepted/written, steps, evaluation parts);
+    one step number is shown by status.json, `dreamd status`, the log, the events rows and
+    train_steps.step alike (they once said 23 / 24 for one step); the run ends with a summary
+    line."""
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state, mix__examples_per_cycle=16)
+    url = sqlite_url(state)
+    env = child_env(NOTIFY_SOCKET=notify.env_value)
+    d = DaemonProcess(config, state, tmp_path / "daemon.log", env=env, args=("--now", "--cycles", "2")).start()
+    daemons.append(d)
+    d.wait_ready(240)                                        # the store is migrated by then
+    wait_until(lambda: (max_step(url) or 0) >= 5, 300, "a step of the second cycle")
+    d.send(signal.SIGUSR1)                                   # at once: the cycle has 2 steps left
+    st = d.wait_status(lambda s: s["paused"], 60, "paused")
+    status, last = cli_status(config), max_step(url)
+    said = [e for e in d.log_lines() if e.get("event") == "control" and e.get("action") == "pause"]
+    assert st["step"] == status["step"] == said[-1]["step"] == last, (st, status, said, last)
+    assert st["progress"] == f"step {last - 3}/4" or st["progress"].startswith(f"step {last - 3}/4 ")
+    d.send(signal.SIGUSR2)
+    assert d.wait(300) == 0, d.log_tail()
+
+    last = max_step(url)
+    stopped = [e for e in d.log_lines() if e.get("event") == "daemon.stopped"][-1]
+    stop_event = events(url, "stop")[-1]["detail"]
+    assert stopped["step"] == stop_event["step"] == d.status()["step"] == last == 7
+    # the end-of-run summary: cycles, steps, examples, time, headline metrics start -> now, where next
+    assert (stopped["cycles"], stopped["rolled_back"], stopped["failed"]) == (2, 0, 0)
+    assert (stopped["steps"], stopped["examples"]) == (8, 32) and stopped["seconds"] > 0
+    assert re.fullmatch(r"[-\d.e+]+->[-\d.e+]+", stopped["forget_perplexity"]), stopped
+    assert "dreamd history" in stopped["see"] and "dreamd report" in stopped["see"]
+
+    shown = notify.values("STATUS")
+    for stage in ("open store 0/6", "load model 1/6", "build engine 2/6", "probes 3/6", "dreamer 4/6"):
+        assert f"starting: {stage}" in shown, shown
+    for i, part in enumerate(FULL_PARTS):   # the baseline is the full suite
+        assert f"starting: baseline evaluation: {part} {i}/{len(FULL_PARTS)}" in shown, shown
+    assert any(re.fullmatch(r"cycle 1: dream accepted 16/16 \(written \d+\)", v) for v in shown), shown
+    assert any(re.fullmatch(r"cycle 2: train step 4/4 \(loss [-\d.e+]+\)", v) for v in shown), shown
+    for i, part in enumerate(CHEAP_PARTS):  # cycle 1 is not an eval.full_every cycle
+        assert f"cycle 1: evaluate {part} {i}/{len(CHEAP_PARTS)}" in shown, shown
+    assert "cycle 2: paused step" in " ".join(shown)
+
+
+def test_a_pause_signalled_by_hand_shows_as_pending_at_the_next_progress_report(tmp_path):
+    """SIGUSR1 from `systemctl kill` writes no request file: the daemon itself says the pause is
+    pending in status.json at its next progress report, not a second later, and drops it once
+    the step boundary applied it."""
+    import os
+
+    from dreamd.config import Config
+    from dreamd.daemon import Daemon
+    from dreamd.log import Progress
+    from dreamd.status import read_status
+
+    cfg = Config()
+    cfg.run.state_dir = tmp_path
+    daemon = Daemon(cfg)
+    daemon.control.install()
+    try:
+        daemon._on_progress(Progress("accepted", 1, 24))
+        assert read_status(tmp_path)["pause_requested"] is False
+        os.kill(os.getpid(), signal.SIGUSR1)                 # a real signal to this process
+        daemon._on_progress(Progress("accepted", 2, 24))     # well inside the 1 s spacing
+        st = read_status(tmp_path)
+        assert st["pause_requested"] is True and st["paused"] is False and st["progress"] == "accepted 2/24"
+        daemon.control.poll()                                # the step boundary
+        daemon.publish()
+        st = read_status(tmp_path)
+        assert st["paused"] is True and st["pause_requested"] is False and st["phase"] == "paused"
+    finally:
+        daemon.control.close()

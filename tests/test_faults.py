@@ -121,7 +121,7 @@ def test_sigkill_in_every_phase_then_restart_keeps_the_history_straight(setup_di
     url, db = sqlite_url(state), state / "dreamd.sqlite"
     ckpt_root = state / "checkpoints" / "run-1"
     hits: list[tuple[str, str]] = []                          # (target, what was seen at the kill)
-    resumes: list[tuple[int, int | None]] = []                # (checkpoint step, first step after)
+    resumes: list[tuple[int, int | None]] = []                # (next step to train, first step after)
     for i in range(KILLS):
         target = TARGETS[i % len(TARGETS)]
         before = {"step_id": 0, "event_id": 0}
@@ -139,10 +139,12 @@ def test_sigkill_in_every_phase_then_restart_keeps_the_history_straight(setup_di
             detail = json.loads(resumed[0]["detail"])
             if detail["checkpoint"] is not None:
                 manifest = read_manifest(ckpt_root / detail["checkpoint"])
-                assert manifest["loop_state"]["step"] == detail["step"]
+                # 'step' is the last step the checkpoint holds; it holds steps 0..step (docs/sql.md)
+                assert manifest["loop_state"]["step"] == detail["step"] + 1
             first = store_rows(url, "SELECT step FROM train_steps WHERE id > :s ORDER BY id LIMIT 1",
                                s=before["step_id"])
-            resumes.append((detail["step"], first[0]["step"] if first else None))
+            next_step = 0 if detail["step"] is None else detail["step"] + 1
+            resumes.append((next_step, first[0]["step"] if first else None))
 
     seen_kinds = {seen for _, seen in hits}
     assert {"dream", "train", "evaluate", "checkpoint write", "db write", "startup"} <= seen_kinds, hits
@@ -554,7 +556,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(setup_dir, 
     daemons.append(again)
     assert again.wait(180) == 0, again.log_tail()
     resumed = [e for e in again.log_lines() if e.get("event") == "run.resumed"]
-    assert resumed[0]["checkpoint"] == before[0].name and resumed[0]["step"] == 2
+    assert resumed[0]["checkpoint"] == before[0].name and resumed[0]["step"] == 1  # holds steps 0, 1
     integrity_ok(state)
     assert len(assert_lineage_consistent(url, ckpt_root)) == 4
 

@@ -80,7 +80,7 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(setup_dir, tmp_path, da
     daemons.append(b2)
     assert b2.wait(180) == 0, b2.log_tail()
     resumed = [e for e in b2.log_lines() if e.get("event") == "run.resumed"]
-    assert resumed and resumed[0]["step"] == k
+    assert resumed and resumed[0]["step"] == k - 1          # the last step the checkpoint holds
 
     # ---- equal, bit for bit -------------------------------------------------------------------
     url_a = sqlite_url(state_a)

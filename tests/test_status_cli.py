@@ -5,6 +5,7 @@ stays anchored at the last cycle start across a restart."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 from datetime import datetime, timedelta
 
@@ -169,3 +170,65 @@ def test_status_after_kill_9_says_the_pidfile_is_stale_and_the_run_died(setup_di
     assert "no daemon runs it" in status["run_status"], status
     text = cli(config, "status").stdout
     assert "None" not in text and "{" not in text, text  # words, not Python values
+
+
+@pytest.mark.slow
+def test_a_pause_not_yet_applied_says_so_until_it_is(setup_dir, tmp_path, daemons):
+    """The pause applies at the next step boundary, which a long evaluation holds off for
+    minutes: status said 'paused False' with no word of the request. A SIGSTOPped daemon stands
+    in for one busy inside a step: `dreamd pause` is answered, status says the pause is
+    requested, and once the daemon runs on it is paused, by whom in words."""
+    import os
+
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state)
+    d = DaemonProcess(config, state, tmp_path / "a.log").start()
+    daemons.append(d)
+    d.wait_ready(240)
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        done = cli(config, "pause")
+        assert done.returncode == 0 and "pause requested, takes effect at the next step" in done.stdout, done
+        status = cli_status(config)
+        assert status["paused"] is False and status["paused_by"] is None
+        assert status["pause_pending"].startswith("pause requested, takes effect at the next step"), status
+        assert "pause requested, takes effect at the next step" in cli(config, "status").stdout
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+    d.wait_status(lambda s: s["paused"], 60, "paused")
+    status = cli_status(config)
+    assert status["paused"] is True and status["pause_pending"] is None
+    assert status["paused_by"]["source"] == "SIGUSR1"
+    line = [ln for ln in cli(config, "status").stdout.splitlines() if ln.strip().startswith("paused_by:")][0]
+    assert line.split(": ", 1)[1].startswith("SIGUSR1 at 20") and "{" not in line, line
+    d.send(signal.SIGTERM)
+    assert d.wait() == 0
+
+
+@pytest.mark.slow
+def test_a_sighup_that_adds_a_window_moves_next_cycle_at(setup_dir, tmp_path, daemons):
+    """Waiting for a window 3 h away; a reload adds one that opens in 1 h: status shows the
+    new next_cycle_at (it kept the old one)."""
+    from datetime import timezone
+
+    now = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+    window = lambda start, hours: f"{start:%H:%M}-{start + timedelta(hours=hours):%H:%M}"  # noqa: E731
+    far, near = now + timedelta(hours=3), now + timedelta(hours=1)
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state, schedule__timezone="UTC",
+                          schedule__windows=[window(far, 1)])
+    d = DaemonProcess(config, state, tmp_path / "a.log", args=()).start()
+    daemons.append(d)
+    st = d.wait_status(lambda s: s["phase"] == "waiting", 240, "waiting for the window")
+    assert datetime.fromisoformat(st["next_cycle_at"]) == far
+    assert cli_status(config)["progress"].startswith("next cycle in 3.0 h")
+    write_config(setup_dir, config, state, schedule__timezone="UTC", schedule__windows=[window(far, 1), window(near, 1)])
+    d.send(signal.SIGHUP)
+    st = d.wait_status(lambda s: s["next_cycle_at"] and datetime.fromisoformat(s["next_cycle_at"]) == near, 60,
+                       "the new window's opening as next_cycle_at")
+    status = cli_status(config)
+    assert datetime.fromisoformat(status["next_cycle_at"]) == near and status["phase"] == "waiting"
+    minutes = re.match(r"next cycle in (\d+) min \(outside window", status["progress"])
+    assert minutes and 30 <= int(minutes[1]) <= 60, status                  # was 3.0 h
+    d.send(signal.SIGTERM)
+    assert d.wait() == 0

@@ -250,7 +250,7 @@ def test_read_then_write_waits_instead_of_sqlite_busy(tmp_path: Path) -> None:
     def second_writer() -> None:
         first_has_read.wait()
         t = time.monotonic()
-        other.add_event(run_id, "second")
+        other.add_event(run_id, "second", {})
         waited.append(time.monotonic() - t)
 
     thread = threading.Thread(target=second_writer)
@@ -320,6 +320,20 @@ def test_run_lifecycle_and_utc_times(store: Store) -> None:
         store.add_phase(run_id, None, "wake", datetime.now(), 1.0)
     with pytest.raises(ValueError, match="run status"):
         store.set_run_status(run_id, "done")
+
+
+def test_every_event_detail_is_a_json_object(store: Store) -> None:
+    """events.detail mixed prose ('pause requested by SIGUSR1 at ...') and JSON; the store now
+    takes a mapping only, so every kind reads back with one JSON parser."""
+    import json
+
+    run_id = store.start_run("events", "{}", Path("/models/x"), 0)
+    store.add_event(run_id, "pause", {"requested_by": "SIGUSR1", "changed": True})
+    with pytest.raises(TypeError, match="events.detail must be a mapping"):
+        store.add_event(run_id, "error", "disk full")
+    with store.read() as s:
+        details = s.execute(text("SELECT detail FROM events WHERE run_id = :r"), {"r": run_id}).scalars().all()
+    assert [json.loads(d) for d in details] == [{"requested_by": "SIGUSR1", "changed": True}]
 
 
 def test_exact_duplicate_rule(store: Store) -> None:
@@ -404,7 +418,7 @@ def populate(store: Store) -> tuple[int, list[CyclePlan], dict[str, float]]:
     run_id = store.start_run("demo", '{"train": {"lr": 1e-05}}', "/models/tiny", 0)
     baseline = {"forget.perplexity": 20.0, "forget.arith_em": 0.5, "q1.balanced": 0.4}
     store.add_evals(run_id, None, baseline)
-    store.add_event(None, "daemon_start", "pid 4242")
+    store.add_event(None, "daemon_start", {"pid": 4242})
     store.add_event(run_id, "start", {"cycles": 0})
     kinds = {"accept": 20, "pushback": 20, "derail": 5, "general": 15}
     plans = [
@@ -466,7 +480,7 @@ def populate(store: Store) -> tuple[int, list[CyclePlan], dict[str, float]]:
             store.add_checkpoint(run_id, cycle_id, step, f"/ck/{step}", "c" * 64, 5 * 10**9)
             store.finish_cycle(cycle_id, "committed")
     store.set_paused(run_id, True)
-    store.add_event(run_id, "pause", "SIGUSR1")
+    store.add_event(run_id, "pause", {"requested_by": "SIGUSR1"})
     return run_id, plans, baseline
 
 

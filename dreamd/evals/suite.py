@@ -44,6 +44,11 @@ from dreamd.evals.steering import steering_metrics
 
 ATTENTION_BASELINE = "attention_baseline.pt"
 Q1_BASELINE = "q1_baseline.json"
+FULL_PARTS = ("generate", "forgetting", "attention", "behaviour", "steering", "calibration", "code")
+"""The full suite's parts in order (progress, and the seconds per part in probes.seconds)."""
+CHEAP_PARTS = ("forgetting", "code")
+"""The cheap suite's parts (no generation)."""
+"""The parts of `measure`, in the order it runs them (and names them to its progress callback)."""
 
 
 def full_suite_due(eval_cfg: EvalConfig, number: int | None) -> bool:
@@ -111,27 +116,41 @@ class ProbeSuite:
 
     def measure(self, model: Any, tokenizer: Any, engine: Any, seed: int, store: Any = None,
                 run_id: int | None = None, cycle_id: int | None = None, *, eval_cfg: EvalConfig | None = None,
-                full: bool = True) -> Measurement:
+                full: bool = True, progress: Callable[[str, int, int], None] | None = None) -> Measurement:
         """One evaluation of the model now: forgetting and every probe metric; full=False: the
         cheap suite (module docstring). The first call of a run (no baseline on disk) is full
         and saves the start maps and labels, so its Q3 shift is 0 by definition. With a store
-        and a cycle id, also checks that the cycle trained nothing of the probes (probes.*)."""
+        and a cycle id, also checks that the cycle trained nothing of the probes (probes.*).
+        `progress(part, parts_done, parts)` is called as each part (FULL_PARTS or CHEAP_PARTS)
+        starts."""
         eval_cfg = eval_cfg or EvalConfig()
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
         seconds: dict[str, float] = {}
         started = time.perf_counter()
 
+        first = not self.has_baseline
+        full = full or first
+        parts = FULL_PARTS if full else CHEAP_PARTS
+
+        def say(name: str) -> None:
+            if progress is not None:
+                progress(name, parts.index(name), len(parts))
+
         def part(name: str, t0: float, result: tuple[dict[str, float], dict[str, Any]]) -> None:
             metrics.update(result[0])
             details.update(result[1])
             seconds[name] = round(time.perf_counter() - t0, 3)
+            following = parts.index(name) + 1
+            if following < len(parts):
+                say(parts[following])
 
-        first = not self.has_baseline
-        full = full or first
+        say(parts[0])
         t0 = time.perf_counter()
         replies = generate_replies(engine, self.probe_set, eval_cfg, seed) if full else None
         seconds["generate"] = round(time.perf_counter() - t0, 3)
+        if full:
+            say("forgetting")
         t0 = time.perf_counter()
         part("forgetting", t0, (forgetting_metrics(model, tokenizer, engine, eval_cfg, seed, exact=full,
                                                    replies=replies.arithmetic if replies else None), {}))

@@ -73,10 +73,10 @@ class ControlEvent:
     """False when it changed nothing (a pause while already paused)."""
 
     @property
-    def detail(self) -> str:
+    def detail(self) -> dict[str, object]:
+        """The events row's detail: who asked, when it arrived, whether it changed anything."""
         when = datetime.fromtimestamp(self.received_at, timezone.utc).isoformat(timespec="seconds")
-        note = "" if self.changed else " (no change: already in that state)"
-        return f"{self.kind} requested by {self.source} at {when}{note}"
+        return {"requested_by": self.source, "requested_at": when, "changed": self.changed}
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ class PauseRecord:
     """ISO-8601 UTC time the pause was applied."""
     source: str
     """What paused the run (e.g. 'SIGUSR1')."""
+    applied: bool = True
+    """False while only requested: `dreamd pause` writes the request before it signals the
+    daemon, which applies it at the next step boundary and rewrites the file (applied)."""
 
 
 class PauseFlag:
@@ -101,16 +104,17 @@ class PauseFlag:
             return None
         try:
             data = json.loads(raw)
-            return PauseRecord(paused_at=str(data["paused_at"]), source=str(data["source"]))
+            return PauseRecord(paused_at=str(data["paused_at"]), source=str(data["source"]),
+                               applied=data.get("applied", True) is not False)
         except (ValueError, KeyError, TypeError):
             # Someone touched the file by hand: it still means "paused".
             return PauseRecord(paused_at="unknown", source=f"hand-made {self.path}")
 
-    def set(self, source: str, at: float | None = None) -> None:
+    def set(self, source: str, at: float | None = None, applied: bool = True) -> None:
         stamp = datetime.fromtimestamp(time.time() if at is None else at, timezone.utc)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps({"paused_at": stamp.isoformat(timespec="seconds"),
-                                             "source": source}) + "\n")
+                                             "source": source, "applied": applied}) + "\n")
         owner = self.path.parent.stat()
         if os.geteuid() == 0 and owner.st_uid != 0:
             # `dreamd pause` run as root in the service user's state dir: the flag stays the
@@ -154,6 +158,7 @@ class ControlState:
         # signal handler.
         self._pending: deque[tuple[str, str, float]] = deque()
         self._paused = False
+        self._pause_requested = False
         self._stop = False
         self._stop_source: str | None = None
         self._reload = False
@@ -184,6 +189,8 @@ class ControlState:
             self._stop_source = self._stop_source or sig.name
         elif action == "reload":
             self._reload = True
+        elif action in ("pause", "resume"):
+            self._pause_requested = action == "pause"
         self._pending.append((action, sig.name, time.time()))
         self._wake()
 
@@ -195,10 +202,12 @@ class ControlState:
 
     # ---- requests from code (CLI-less tests, an admin thread) -------------------------------
     def request_pause(self, source: str = "api") -> None:
+        self._pause_requested = True
         self._pending.append(("pause", source, time.time()))
         self._wake()
 
     def request_resume(self, source: str = "api") -> None:
+        self._pause_requested = False
         self._pending.append(("resume", source, time.time()))
         self._wake()
 
@@ -224,6 +233,12 @@ class ControlState:
         return self._paused
 
     @property
+    def pause_requested(self) -> bool:
+        """A pause arrived and is not applied yet: it takes effect at the next step boundary
+        (the next optimizer step, or the next cycle's start); `dreamd status` says so meanwhile."""
+        return self._pause_requested and not self._paused
+
+    @property
     def reload_requested(self) -> bool:
         return self._reload
 
@@ -240,6 +255,7 @@ class ControlState:
             kind, source, received = self._pending.popleft()
             changed = True
             if kind in ("pause", "resume"):
+                self._pause_requested = False
                 want = kind == "pause"
                 changed = want != self._paused
                 if changed:
@@ -248,8 +264,11 @@ class ControlState:
                         pass
                     elif not want:
                         self.pause_flag.clear()
-                    elif source != "pause flag":  # restored from the flag: keep its record
+                    elif source != "pause flag":
                         self.pause_flag.set(source, received)
+                    elif (record := self.pause_flag.read()) is not None and not record.applied:
+                        # a request `dreamd pause` wrote before a restart: applied now, its record kept
+                        self.pause_flag.set(record.source, received)
             event = ControlEvent(kind=kind, source=source, received_at=received, changed=changed)
             events.append(event)
             if self.on_event is not None:

@@ -165,6 +165,8 @@ class SystemdNotifier:
 
 
 def status_line(phase: str, cycle: int | None = None, detail: str = "") -> str:
-    """The STATUS= text: 'cycle 12: train step 40/96', 'paused (SIGUSR1)', 'waiting: ...'."""
-    head = f"cycle {cycle}: {phase}" if cycle is not None else phase
-    return f"{head} {detail}".strip() if detail else head
+    """The STATUS= text: 'cycle 12: train step 40/96', 'cycle 12: paused step 40/96',
+    'starting: load model 1/6' (before a cycle has a number)."""
+    if cycle is None:
+        return f"{phase}: {detail}" if detail else phase
+    return f"cycle {cycle}: {phase} {detail}" if detail else f"cycle {cycle}: {phase}"

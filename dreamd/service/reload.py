@@ -130,6 +130,12 @@ class ReloadResult:
         parts += [f"refused {k}: {why}" for k, why in self.refused.items()]
         return "; ".join(parts) or "reload: no changes"
 
+    def to_json(self) -> dict[str, object]:
+        """The events row's detail: each applied field's old and new value, each refused field
+        and why, the error of a file that could not be used, and the one-line summary."""
+        return {"applied": {k: [v[0], v[1]] for k, v in self.applied.items()}, "refused": dict(self.refused),
+                "error": self.error or None, "summary": self.summary()}
+
 
 def apply_reloadable(old: Config, new: Config) -> ReloadResult:
     """The config `old` becomes when `new` is read on SIGHUP (live fields only)."""

@@ -488,13 +488,14 @@ class Store(Database):
                                          Checkpoint.status == "complete")
                                   .order_by(Checkpoint.step.desc(), Checkpoint.id.desc())))
 
-    def add_event(self, run_id: int | None, kind: str, detail: str | Mapping[str, Any] = "") -> int:
+    def add_event(self, run_id: int | None, kind: str, detail: Mapping[str, Any]) -> int:
         """A signal or notable happening ('pause', 'resume', 'reload', 'stop', 'error', ...).
-        A mapping detail is stored as JSON text."""
-        if not isinstance(detail, str):
-            detail = json.dumps(dict(detail), default=str, ensure_ascii=False)
+        Every kind's detail is a JSON object (docs/sql.md "events"): one format to query."""
+        if not isinstance(detail, Mapping):
+            raise TypeError(f"events.detail must be a mapping (stored as a JSON object), got "
+                            f"{type(detail).__name__} for event {kind!r}")
         with self.session() as s:
-            row = Event(run_id=run_id, kind=kind, detail=detail)
+            row = Event(run_id=run_id, kind=kind, detail=json.dumps(dict(detail), default=str, ensure_ascii=False))
             s.add(row)
             s.flush()
             return row.id

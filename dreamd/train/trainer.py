@@ -98,6 +98,13 @@ class Trainer:
         self.base_lr = train_cfg.lr
         self.nonfinite_in_a_row = 0
 
+    @property
+    def last_step(self) -> int | None:
+        """The number of the last optimizer step trained (train_steps.step, 0-based), None before
+        the first: the one step number dreamd shows everywhere (log, status, events; docs/sql.md).
+        `step` is the count of steps trained, i.e. the next step's number."""
+        return self.step - 1 if self.step > 0 else None
+
     # ---- learning rate ------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
         """The controller sets the base lr between cycles; warmup still scales it."""
