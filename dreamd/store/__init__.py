@@ -6,7 +6,8 @@ a run. The schema and its views are documented for users in docs/sql.md.
 """
 
 from dreamd.store.db import MIGRATIONS_DIR, Database, UpgradeResult, head_revision, redact
-from dreamd.store.record import SavedScenario, Store, Superseded
+from dreamd.store.record import Store, Superseded
+from dreamd.store.scenarios import SavedScenario
 
 __all__ = ["MIGRATIONS_DIR", "Database", "SavedScenario", "Store", "Superseded", "UpgradeResult",
            "head_revision", "redact"]
