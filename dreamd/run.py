@@ -307,7 +307,7 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     model, tokenizer = load_model(model_cfg, device)
     # The engine before the optimizer: vLLM sizes its KV cache against the memory free now.
     stage("build engine")
-    engine = make_engine(cfg, model, tokenizer, threads=threads)
+    engine = make_engine(cfg, model, tokenizer, threads=threads, sharded=world is not None)
     if world is None:
         trainer = Trainer(model, cfg.train, cfg.optimizer, seed=cfg.run.seed)
     else:   # `model` is the full copy rank 0 serves and evaluates; the trainer's is sharded

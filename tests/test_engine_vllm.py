@@ -474,3 +474,18 @@ def test_window_for_config_on_cpu(dirs: dict[str, Path]) -> None:
     with window.training(model):
         _train_a_little(model, tk, steps=1)
     assert window.last_canary.ok
+
+
+def test_rank_0_of_a_torchrun_world_is_served_by_transformers(dirs: dict[str, Path]) -> None:
+    """vLLM would build a distributed group of its own from torchrun's RANK/WORLD_SIZE: 'auto'
+    falls back with that reason whether or not vLLM could serve the model, 'vllm' is refused."""
+    from dreamd.engines.select import SHARDED_REASON
+
+    model, tk = _trainer(dirs["llama"])
+    cfg = Config.model_validate({"engine": {"kind": "auto"}})
+    assert isinstance(make_engine(cfg, model, tk, sharded=True), TransformersEngine)
+    cfg = Config.model_validate({"engine": {"kind": "vllm"}})
+    with pytest.raises(UsageError) as info:
+        make_engine(cfg, model, tk, sharded=True)
+    assert str(info.value).startswith(f"engine.kind = 'vllm' but {SHARDED_REASON}")
+    assert "\n" not in str(info.value)

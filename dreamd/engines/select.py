@@ -45,18 +45,24 @@ def vllm_unavailable_reason(model: PreTrainedModel | None = None) -> str | None:
     return None
 
 
+SHARDED_REASON = ("vLLM inside a torchrun world is not supported yet: it reads the same RANK/WORLD_SIZE "
+                  "environment to build a distributed group of its own (docs/operations.md, "
+                  "\"Distributed training\")")
+
+
 def make_engine(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, sharded: bool = False) -> Engine:
     """The engine for `cfg.engine.kind`, ready to generate.
 
     For vLLM the engine is built from cfg.model.path with dummy weights, the trainer's weights
     are pushed, and the canary must pass before it is returned. Build it before the trainer
     allocates optimizer state (vLLM sizes itself against memory free at that moment).
     `threads`: torch threads to keep (run.threads, resolved), which vLLM's CPU worker honours.
+    `sharded`: rank 0 of a torchrun world (train/distributed.py), served by transformers.
     """
     kind = cfg.engine.kind
     if kind in ("auto", "vllm"):
-        reason = vllm_unavailable_reason(model)
+        reason = SHARDED_REASON if sharded else vllm_unavailable_reason(model)
         if reason is None:
             from dreamd.engines.vllm import VLLMEngine  # noqa: PLC0415
 
