@@ -101,7 +101,7 @@ def test_add_scenarios_is_add_scenarios_rule_in_one_statement(store: Store) -> N
                    ("accepted", None, None),
                    ("rejected", ids[0], f"duplicate: exact copy of scenario {ids[0]}"),
                    ("accepted", None, None)]
-    assert store.hash_exists(scenario(4).content_hash) == ids[4]
+    assert store.hash_exists(run_id, scenario(4).content_hash) == ids[4]
     assert rows[ids[1]].content_hash is None and rows[ids[2]].messages_json == scenario(3).messages
     probes = store.add_probe_set(run_id, [scenario(3), scenario(5)])
     assert [s.target for _, s in store.probe_scenarios(run_id)] == ["answer 3", "answer 5"]

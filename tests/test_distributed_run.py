@@ -130,7 +130,8 @@ def test_two_ranks_run_resume_exactly_survive_a_kill_and_reshard_to_one(setup_di
     time.sleep(0.5)
     ran(config_z, log_z, 1)                                # resumes from cycle 1's checkpoint
     restart = store_rows(url_z, "SELECT detail FROM events WHERE kind = 'restart'")
-    assert restart and '"step": 6' in str(restart[-1]["detail"]).replace("'", '"')
+    # the restart event names the last step the checkpoint holds (0-based: 6 steps -> step 5)
+    assert restart and '"step": 5' in str(restart[-1]["detail"]).replace("'", '"')
     steps_z = store_rows(url_z, STEP_SQL)
     assert [r["step"] for r in steps_z] == list(range(2 * STEPS_PER_CYCLE))
     assert steps_z[:STEPS_PER_CYCLE] == steps_x[:STEPS_PER_CYCLE]

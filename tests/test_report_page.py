@@ -38,6 +38,7 @@ RUN_ENV = {
     "DREAMD_EVAL__ARITHMETIC_N": "4",
     "DREAMD_EVAL__PERPLEXITY_MAX_TOKENS": "256",
     "DREAMD_DREAM__SOURCE": "mixed",  # the tiny model's drafts: real rejections with reasons
+    "DREAMD_EVAL__FULL_EVERY": "1",  # every metric and a controller decision on every cycle
     "DREAMD_DREAM__SITUATION_MAX_TOKENS": "32",
     "DREAMD_DREAM__REPLY_MAX_TOKENS": "32",
     "DREAMD_DREAM__JUDGE_MAX_TOKENS": "16",

@@ -138,7 +138,7 @@ class ScenarioRecords(Database):
                       status: str) -> list[int]:
         """Many scenarios with one verdict in ONE transaction and one insert statement (a bulk
         load: 1e6 rows in minutes, where add_probe_set's row-by-row flush takes ~1 ms a row), ids
-        in order, by add_scenario's duplicate rule: a copy of a stored scenario, or of an earlier
+        in order, by add_scenario's duplicate rule: a copy of the run's stored scenario, or of an earlier
         one in `scenarios`, gets content_hash NULL and duplicate_of (and, unless a probe, status
         'rejected' with the reason)."""
         check_value(status, SCENARIO_STATUSES, "scenario status")
@@ -150,7 +150,7 @@ class ScenarioRecords(Database):
         with self.session() as s:
             original = dict(row for i in range(0, len(hashes), 500) for row in s.execute(
                 select(ScenarioRow.content_hash, ScenarioRow.id)
-                .where(ScenarioRow.content_hash.in_(hashes[i:i + 500]))))
+                .where(ScenarioRow.run_id == run_id, ScenarioRow.content_hash.in_(hashes[i:i + 500]))))
             first: dict[str, int] = {}  # hash -> position of its first copy in this call
             rows = []
             for pos, (sc, h) in enumerate(zip(scenarios, hashes)):
