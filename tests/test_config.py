@@ -192,6 +192,26 @@ def test_sighup_with_a_broken_file_keeps_the_running_config(tmp_path):
         assert result.error and result.config.train.lr == 2e-5
 
 
+
+def test_a_reload_during_an_in_place_save_waits_for_the_file_and_never_reads_it_empty(tmp_path):
+    """An editor saving in place truncates, then writes: a SIGHUP landing in between once read an
+    empty file, which is valid TOML (all defaults), and reset every live field. The reload waits
+    for the save to finish; a file that stays empty is refused."""
+    import threading
+
+    from dreamd.service.reload import reload_config
+
+    path = tmp_path / "dreamd.toml"
+    path.write_text("[mix]\nexamples_per_cycle = 8\n")
+    current = load_config(path, environ={})
+    path.write_bytes(b"")                                   # the save has truncated the file ...
+    threading.Timer(0.2, path.write_text, ("[mix]\nexamples_per_cycle = 12\n",)).start()
+    result = reload_config(current, environ={})             # ... and writes it 0.2 s later
+    assert not result.error and result.config.mix.examples_per_cycle == 12, result.summary()
+    path.write_bytes(b"")
+    result = reload_config(result.config, environ={})
+    assert result.error and "is empty" in result.error and result.config.mix.examples_per_cycle == 12
+
 # ---- the command line, as a new user meets it ---------------------------------------------------
 
 

@@ -17,8 +17,11 @@ behaviour spec) and changing it mid-run would make the history incomparable or r
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -154,9 +157,39 @@ def apply_reloadable(old: Config, new: Config) -> ReloadResult:
     return ReloadResult(config, applied, refused)
 
 
+SETTLE_S = 1.0       # how long a reload waits for a save in progress to finish
+SETTLE_LOOK_S = 0.05  # the gap between two looks at the file's size and mtime
+
+
+def wait_for_save(path: Path, settle_s: float = SETTLE_S) -> str | None:
+    """A SIGHUP can land while an editor saves in place (truncate, then write): the file is then
+    empty or still growing, and an empty file is valid TOML that would reset every live field to
+    its default. Wait until the file is non-empty and unchanged between two looks; return the
+    error line if it stays empty. A file that cannot be looked at is left to load_config."""
+    last: tuple[int, int] | None = None
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        now = (st.st_size, st.st_mtime_ns)
+        if st.st_size > 0 and now == last:
+            return None
+        if time.monotonic() >= deadline:
+            if st.st_size == 0:
+                return (f"config file {path} is empty; a reload never resets the run to defaults: write "
+                        "the settings back and send SIGHUP again")
+            return None  # still changing after settle_s: read it as it is, load_config judges it
+        last = now
+        time.sleep(SETTLE_LOOK_S)
+
+
 def reload_config(current: Config, environ: Mapping[str, str] | None = None) -> ReloadResult:
     """Re-read current.source (and DREAMD_* env) and apply the live fields. Never raises for a
     user mistake: a broken file keeps the running config and says why in `error`."""
+    if current.source is not None and (empty := wait_for_save(current.source)):
+        return ReloadResult(current, error=empty)
     try:
         new = load_config(current.source, None if environ is None else dict(environ))
     except UsageError as exc:
