@@ -16,7 +16,7 @@ from sqlalchemy import text
 from dreamd.config import EvalConfig, ScreenConfig
 from dreamd.config_file import load_config
 from dreamd.cycle import run_cycle
-from dreamd.dream.lsh import BandIndex
+from dreamd.dream.lsh import PREFIX, BandIndex
 from dreamd.dream.neardup import (
     BANDS,
     NUM_PERM,
@@ -146,15 +146,51 @@ def test_band_index_returns_the_rows_with_k_equal_bands() -> None:
     assert index._recent and index.size == 2900
     queries = np.concatenate([sigs[rng.choice(2900, 40)], frame[None, :],
                               rng.integers(0, 1 << 32, size=(5, NUM_PERM), dtype=np.uint32)])
-    for q in queries:
-        equal = (keys[:2900] == band_keys(q)).sum(axis=1)
-        for k in (1, 2, 7, 12, 32):
-            got, _ = index.candidates(band_keys(q), k)
-            expected = np.flatnonzero(equal >= k)
-            assert set(expected) <= set(got) and list(got) == sorted(got), k
-            extra = np.setdiff1d(got, expected)
-            assert len(extra) <= max(1, len(expected) // 100), (k, len(extra))
-            assert (equal[extra] == k - 1).all()     # one band over-counted, never more
+    heavy_counts = []
+    for merged in (False, True):
+        if merged:
+            index._merge()                           # the recent adds into the sorted layout
+            assert not index._recent
+        for q in queries:
+            equal = (keys[:2900] == band_keys(q)).sum(axis=1)
+            heavy_counts.append(np.isin(band_keys(q) & PREFIX, index._heavy_prefix).sum())
+            for k in (1, 2, 7, 12, 32):
+                got, _ = index.candidates(band_keys(q), k)
+                expected = np.flatnonzero(equal >= k)
+                assert set(expected) <= set(got.tolist()), k
+                extra = np.setdiff1d(got, expected)
+                assert len(extra) <= max(1, len(expected) // 100), (k, len(extra))
+                assert (equal[extra] == k - 1).all()     # one band over-counted, never more
+    # Not vacuous: queries with no heavy bucket, with a few (all skipped at k = 7), with many.
+    assert min(heavy_counts) == 0 and any(0 < h < 7 for h in heavy_counts) and max(heavy_counts) > 12
+
+
+def test_band_index_reads_only_the_heavy_buckets_it_must() -> None:
+    """A query whose heavy buckets number at most k - 1 reads none of them; with more, it reads
+    the smallest beyond the k - 1 largest, and still finds every row with k equal bands, also
+    one whose equal bands are all in heavy buckets."""
+    rng = np.random.default_rng(2)
+    frame = rng.integers(0, 1 << 32, size=NUM_PERM, dtype=np.uint32)
+    sigs = rng.integers(0, 1 << 32, size=(400, NUM_PERM), dtype=np.uint32)
+    sigs[:, :40] = frame[:40]                        # bands 0-9: one heavy bucket each, 400 rows
+    sigs[:50, 40:44] = frame[40:44]                  # band 10: a heavy bucket of 50 rows
+    index = BandIndex(BANDS)
+    index.add(band_keys(sigs), bulk=True)
+    index.finish_loading()
+    assert len(index._heavy_prefix) == 11
+    twin = sigs[7].copy()                            # row 7's bands 0-10 (all heavy), nothing else
+    twin[44:] = rng.integers(0, 1 << 32, size=NUM_PERM - 44, dtype=np.uint32)
+    # Rows 0-49 share its 11 bands 0-10, rows 50-399 its 10 bands 0-9.
+    for k, heavy_read, rows in ((12, 0, 0), (11, 50, 50), (10, 50 + 400, 400), (7, 50 + 4 * 400, 400)):
+        got, read = index.candidates(band_keys(twin), k)
+        assert read == heavy_read, k                  # no light bucket shares a key with it
+        assert set(got.tolist()) == set(range(rows)), k
+    q = frame.copy()
+    q[24:] = rng.integers(0, 1 << 32, size=NUM_PERM - 24, dtype=np.uint32)   # bands 0-5 only
+    got, read = index.candidates(band_keys(q), 7)
+    assert read == 0 and not got.size                 # 6 heavy buckets <= k - 1: none read
+    got, read = index.candidates(band_keys(q), 6)
+    assert read == 400 and set(got.tolist()) == set(range(400))
 
 
 def test_index_finds_what_brute_force_finds_on_template_scenarios(store: Store) -> None:

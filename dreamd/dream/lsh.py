@@ -4,29 +4,39 @@ enough bands with a query to be worth comparing.
     bands = BandIndex(n_bands=32)
     rows = bands.add(keys)               # keys: (n, 32) uint64 band keys (neardup.band_keys);
                                          # rows 0, 1, 2, ... in the order added
-    bands.candidates(query_keys, k=7)    # rows sharing >= 7 of the 32 band keys (int64 array)
+    bands.candidates(query_keys, k=7)    # rows sharing >= 7 of the 32 band keys (int array,
+                                         # a row once per equal band read: not deduplicated)
 
-Layout: one sorted uint64 array with one entry per (row, band):
-`band (5 bits) | band key (27 bits) | row (32 bits)`. A bucket (rows whose band b has key h) is
-one contiguous run of that array. A directory of offsets by the entry's top bits (about 8
-entries per slot) finds a bucket's start in one step and a window of WINDOW entries its bounds;
-buckets of more than HEAVY entries are looked up in a small table of their own: no binary
-search over the whole array (a cache miss per level at 1e6). Per row a 16-bit fingerprint of
-each band key (`_fp`) counts its equal bands without searching. 8 + 2 bytes per band per row,
-plus the directory: ~330 bytes a scenario at 32 bands, no Python object per entry.
+Layout. A bucket is the rows whose band b has key h; its prefix is 31 bits of the band key
+(`PREFIX`: bits 32-62; the band keys of different bands are different hashes, so the band needs
+no bits of its own: two bands' keys meet in the same prefix once in 2^31, and that only adds a
+candidate the signatures reject). Two kinds of bucket:
+- light (at most HEAVY rows): one uint64 entry `prefix | row` per row, in one sorted array,
+  `_main`;
+- heavy (more: frame words that many template scenarios share): their rows in `_heavy_rows`
+  (uint32, grouped by bucket), and ONE entry `prefix | FLAG | heavy id` in `_main` in their place.
+A directory of offsets by the prefix's top bits (~ENTRIES_PER_SLOT entries a slot) gives where
+a slot starts in `_main`, and `_width` (the longest slot) how far it can reach: a lookup reads,
+for the 32 band keys at once, the `_width` entries after each slot start (one gather through a
+strided view), subtracts the query's prefix and keeps what falls below 2^32. What is left is the
+rows of the query's light buckets and the ids of its heavy ones: no search, no per-band bounds,
+about ten numpy calls whatever the store's size. Per row a 16-bit fingerprint of each band key
+(`_fp`, bits 16-31 of the key, disjoint from the prefix) counts its equal bands without
+searching. ~8 bytes per light entry, 4 per heavy one, 2 per fingerprint, plus the directory.
 
-Adds go to a small dict (`_recent`) and are merged into the sorted array when it holds more
-than an eighth of it (amortised O(log n) per add); a query reads both.
+Adds go to a small dict (`_recent`) and are merged (the whole index rebuilt, one sort) when it
+holds more than an eighth of the rest (amortised O(log n) per add); a query reads both.
 
 k of 32: a pair whose signatures agree in at least m of 128 positions differs in at most
 128 - m, so at least 32 - (128 - m) of the 32 bands of 4 rows are equal (pigeonhole). At the
 0.8 threshold (m = 103) that is 7 bands: requiring 7 equal bands loses no pair the signature
 check would accept, and drops the many template pairs that share a band or two through their
-common frame words (J ~ 0.3-0.6). It also lets a query skip its k - 1 largest buckets when
-collecting ids (a pair with k equal bands is in one of the others) and only test its
-candidates' fingerprints against them: the frame-word buckets that grow with the store are
-never expanded. Fingerprints only over-count (a 1 in 65,536 chance per band), so a row with k
-equal bands is never dropped; the caller verifies the rows on their signatures.
+common frame words (J ~ 0.3-0.6). It also lets a query leave k - 1 of its buckets unread (a row
+with k equal bands is in one of the others): a query with at most k - 1 heavy buckets reads none
+of them, one with more reads only its smallest heavy ones beyond the k - 1 largest; the
+fingerprints then count every band, read or not. Fingerprints only over-count (a 1 in 65,536
+chance per band), so a row with k equal bands is never dropped; the caller verifies the rows on
+their signatures.
 """
 
 from __future__ import annotations
@@ -34,14 +44,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
-KEY_BITS = 27
 ROW_BITS = 32
 ROW_MASK = np.uint64((1 << ROW_BITS) - 1)
-_BUCKET = np.uint64(1 << ROW_BITS)  # one key step: [prefix, prefix + _BUCKET) is one bucket
-WINDOW = 16                          # entries read after a directory slot's start
-HEAVY = 8                            # a bucket with more entries is in the heavy table
-_END = np.iinfo(np.uint64).max       # padding after the last entry (never a real entry)
+PREFIX = np.uint64(((1 << 31) - 1) << ROW_BITS)  # the key bits a bucket is found by (top bit 0)
+BUCKET = np.uint64(1 << ROW_BITS)  # entry - prefix < BUCKET: the entry is in the prefix's bucket
+FLAG = 1 << 31                     # row field >= FLAG: a heavy bucket's id (rows stay below)
+HEAVY = 8                          # a bucket with more rows is a heavy one
+ENTRIES_PER_SLOT = 4               # the directory's size: ~1 uint32 per 4 entries of _main
+_END = np.iinfo(np.uint64).max     # padding after the last entry (never a prefix: top bit 1)
 
 
 class BandIndex:
@@ -51,35 +63,28 @@ class BandIndex:
         if not 1 <= n_bands <= 32:
             raise ValueError(f"n_bands must be 1..32, got {n_bands}")
         self.n_bands = n_bands
-        self._band_prefix = np.arange(n_bands, dtype=np.uint64) << np.uint64(KEY_BITS + ROW_BITS)
-        self._padded = np.full(WINDOW, _END, dtype=np.uint64)  # the sorted entries, then WINDOW x _END
-        self._sorted = self._padded[:0]
-        self._shift = np.uint64(64 - 5)
-        self._dir = np.zeros(33, dtype=np.uint32)
-        self._heavy = np.full(1, _END, dtype=np.uint64)  # prefixes of buckets > HEAVY entries, _END
-        self._heavy_lo = self._heavy_hi = np.zeros(1, dtype=np.int64)
         self._fp = np.empty((0, n_bands), dtype=np.uint16)    # row -> band key fingerprints
         self._recent: dict[int, list[int]] = {}
         self._recent_entries = 0
         self._pending: list[np.ndarray] = []
         self.size = 0
+        self._build(np.empty(0, dtype=np.uint64))
 
     @property
     def nbytes(self) -> int:
-        return int(self._padded.nbytes + self._dir.nbytes + self.size * self._fp.itemsize * self.n_bands) \
+        return int(self._padded.nbytes + self._dir.nbytes + self._heavy_rows.nbytes + self._heavy_bounds.nbytes
+                   + self._heavy_prefix.nbytes + self.size * self._fp.itemsize * self.n_bands) \
             + self._recent_entries * 8
 
-    def prefixes(self, keys: np.ndarray) -> np.ndarray:
-        """(n, n_bands) uint64: each band key cut to KEY_BITS bits, placed above the row bits
-        with the band number on top."""
-        keys = np.asarray(keys, dtype=np.uint64).reshape(-1, self.n_bands)
-        return self._band_prefix | ((keys >> np.uint64(64 - KEY_BITS)) << np.uint64(ROW_BITS))
+    @staticmethod
+    def prefixes(keys: np.ndarray) -> np.ndarray:
+        """The bucket prefix of each band key (bits 32-62, in place; the row bits zero)."""
+        return np.asarray(keys, dtype=np.uint64) & PREFIX
 
     @staticmethod
     def fingerprints(keys: np.ndarray) -> np.ndarray:
-        """16 bits of each band key below the KEY_BITS the buckets use."""
-        return ((np.asarray(keys, dtype=np.uint64) >> np.uint64(64 - KEY_BITS - 16)) & np.uint64(0xFFFF)) \
-            .astype(np.uint16)
+        """Bits 16-31 of each band key (below the prefix's bits)."""
+        return (np.asarray(keys, dtype=np.uint64) >> np.uint64(16)).astype(np.uint16)
 
     def add(self, keys: np.ndarray, bulk: bool = False) -> np.ndarray:
         """Index new rows by their band `keys` ((n, n_bands)); returns their row numbers.
@@ -88,8 +93,8 @@ class BandIndex:
         rows = np.arange(self.size, self.size + len(keys), dtype=np.uint64)
         if not len(rows):
             return rows.astype(np.int64)
-        if self.size + len(rows) > int(ROW_MASK):
-            raise ValueError(f"more than {int(ROW_MASK)} rows in a band index")
+        if self.size + len(rows) > FLAG:
+            raise ValueError(f"more than {FLAG} rows in a band index")
         if self.size + len(rows) > len(self._fp):
             grown = np.empty((max(self.size + len(rows), 2 * len(self._fp), 1024), self.n_bands), dtype=np.uint16)
             grown[:self.size] = self._fp[:self.size]
@@ -103,78 +108,93 @@ class BandIndex:
         for entry in entries.reshape(-1).tolist():
             self._recent.setdefault(entry & ~int(ROW_MASK), []).append(entry & int(ROW_MASK))
         self._recent_entries += entries.size
-        if self._recent_entries > max(4096, len(self._sorted) // 8):
+        if self._recent_entries > max(4096, (len(self._main) + len(self._heavy_rows)) // 8):
             self._merge()
         return rows.astype(np.int64)
-
-    def _merge(self) -> None:
-        recent = [prefix | i for prefix, rows in self._recent.items() for i in rows]
-        merged = np.concatenate([self._sorted, *self._pending, np.array(recent, dtype=np.uint64)])
-        merged.sort(kind="stable")  # radix sort for integers: O(n)
-        self._padded = np.concatenate([merged, np.full(WINDOW, _END, dtype=np.uint64)])
-        self._sorted = self._padded[:len(merged)]
-        # Directory: the top 5 + bits bits of an entry -> where its slot starts (~8 entries a slot).
-        bits = min(KEY_BITS, max(0, math.ceil(math.log2(max(1.0, len(merged) / self.n_bands / 8)))))
-        self._shift = np.uint64(64 - 5 - bits)
-        slots = np.arange((1 << (5 + bits)) + 1, dtype=np.uint64)
-        starts = np.searchsorted(merged, slots[:-1] << self._shift)
-        self._dir = np.append(starts, len(merged)).astype(np.uint32 if len(merged) < 1 << 32 else np.int64)
-        # Heavy buckets (> HEAVY entries: frame words shared by many rows) by prefix, with their
-        # bounds: entry i is in one when entry i + HEAVY has its prefix. In chunks (memory).
-        heavy = []
-        for a in range(0, max(0, len(merged) - HEAVY), 1 << 22):
-            top = merged[a:a + (1 << 22) + HEAVY] >> np.uint64(ROW_BITS)
-            heavy.append(np.unique(top[:-HEAVY][top[:-HEAVY] == top[HEAVY:]]))
-        heavy_prefixes = (np.unique(np.concatenate(heavy)) << np.uint64(ROW_BITS) if heavy
-                          else np.empty(0, dtype=np.uint64))
-        self._heavy = np.append(heavy_prefixes, _END)
-        self._heavy_lo = np.append(np.searchsorted(merged, heavy_prefixes), 0).astype(np.int64)
-        self._heavy_hi = np.append(np.searchsorted(merged, heavy_prefixes + _BUCKET), 0).astype(np.int64)
-        self._recent, self._recent_entries, self._pending = {}, 0, []
-
-    def _bounds(self, prefix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[lo, hi) of each bucket in the sorted array: heavy ones from their table, the others
-        within a window of WINDOW entries from their directory slot's start; a bucket past its
-        window (a slot crowded by a heavy bucket) by binary search."""
-        start = self._dir[(prefix >> self._shift).astype(np.int64)].astype(np.int64)
-        window = self._padded[start[:, None] + np.arange(WINDOW)]
-        end = prefix + _BUCKET
-        at = np.searchsorted(self._heavy, prefix)       # a small table, in cache
-        heavy = self._heavy[at] == prefix
-        lo = np.where(heavy, self._heavy_lo[at], start + (window < prefix[:, None]).sum(axis=1))
-        hi = np.where(heavy, self._heavy_hi[at], start + (window < end[:, None]).sum(axis=1))
-        past = (window[:, -1] < end) & ~heavy
-        if past.any():
-            lo[past] = np.searchsorted(self._sorted, prefix[past])
-            hi[past] = np.searchsorted(self._sorted, end[past])
-        return lo, hi
 
     def finish_loading(self) -> None:
         """Sort in what bulk adds left pending (one sort for a whole load)."""
         if self._pending:
             self._merge()
 
+    def _entries(self) -> np.ndarray:
+        """Every indexed (prefix | row) entry of the sorted part, heavy buckets' included."""
+        light = self._main[self._main & ROW_MASK < FLAG]
+        sizes = self._heavy_bounds[1:] - self._heavy_bounds[:-1]
+        heavy = np.repeat(self._heavy_prefix, sizes) | self._heavy_rows.astype(np.uint64)
+        return np.concatenate([light, heavy])
+
+    def _merge(self) -> None:
+        recent = [prefix | i for prefix, rows in self._recent.items() for i in rows]
+        merged = np.concatenate([self._entries(), *self._pending, np.array(recent, dtype=np.uint64)])
+        self._recent, self._recent_entries, self._pending = {}, 0, []
+        merged.sort(kind="stable")  # radix sort for integers: O(n)
+        self._build(merged)
+
+    def _build(self, merged: np.ndarray) -> None:
+        """The layout from every entry, sorted."""
+        # Heavy buckets: entry i starts one when entry i + HEAVY has its prefix (in chunks: memory).
+        found = [np.empty(0, dtype=np.uint64)]
+        for a in range(0, max(0, len(merged) - HEAVY), 1 << 22):
+            top = merged[a:a + (1 << 22) + HEAVY] & PREFIX
+            found.append(np.unique(top[:-HEAVY][top[:-HEAVY] == top[HEAVY:]]))
+        heavy_prefix = np.unique(np.concatenate(found))
+        lo, hi = np.searchsorted(merged, heavy_prefix), np.searchsorted(merged, heavy_prefix + BUCKET)
+        inside = np.zeros(len(merged) + 1, dtype=np.int8)    # +1 where a heavy bucket starts, -1 after
+        inside[lo] = 1
+        inside[hi] -= 1
+        inside = np.cumsum(inside[:-1], dtype=np.int8).view(bool)
+        self._heavy_rows = (merged[inside] & ROW_MASK).astype(np.uint32)
+        self._heavy_bounds = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
+        self._heavy_prefix = heavy_prefix
+        light = merged[~inside]
+        del merged, inside
+        refs = heavy_prefix | (np.uint64(FLAG) + np.arange(len(heavy_prefix), dtype=np.uint64))
+        main = np.insert(light, np.searchsorted(light, refs), refs)
+        del light
+        # Directory: the prefix's top `bits` bits (below its always-zero top bit) -> slot start.
+        bits = min(30, max(0, math.ceil(math.log2(max(1.0, len(main) / ENTRIES_PER_SLOT)))))
+        self._shift = np.uint64(63 - bits)
+        counts = np.bincount((main >> self._shift).astype(np.intp), minlength=1 << bits)
+        self._dir = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32 if len(main) < 1 << 32 else np.int64)
+        width = max(1, int(counts.max()) if len(counts) else 1)
+        self._padded = np.concatenate([main, np.full(width, _END, dtype=np.uint64)])
+        self._main = self._padded[:len(main)]
+        # Row i of _window: the `width` entries from i on (a view: no copy).
+        self._window = as_strided(self._padded, shape=(len(main) + 1, width), strides=(8, 8), writeable=False)
+
     def candidates(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-        """Rows with at least `k` (>= 1) of the query's band `keys` equal, ascending (and,
-        once in 65,536 per band, one the fingerprints over-count), and how many bucket
-        entries the query read (the work it did)."""
+        """Rows with at least `k` (>= 1) of the query's band `keys` equal (and, once in 65,536
+        per band, one the fingerprints over-count), in no order, a row once per equal band
+        read; and how many bucket entries the query read (the work it did)."""
         k = max(1, min(k, self.n_bands))
-        self.finish_loading()
-        prefix = self.prefixes(keys)[0]
-        lo, hi = self._bounds(prefix)
-        sizes = hi - lo
-        # The k - 1 largest buckets are not expanded: a row with k equal bands is in another.
-        if k > 1:
-            sizes[np.argpartition(sizes, self.n_bands - (k - 1))[self.n_bands - (k - 1):]] = 0
-        total = int(sizes.sum())
-        rows = self._sorted[np.arange(total) + np.repeat(lo - (np.cumsum(sizes) - sizes), sizes)] & ROW_MASK
+        if self._pending:
+            self.finish_loading()
+        keys = keys.reshape(-1)
+        prefix = keys & PREFIX
+        found = self._window[self._dir[prefix >> self._shift]] - prefix[:, None]
+        rows = found[found < BUCKET]                   # light rows, heavy bucket ids (+ FLAG)
         if self._recent:
             recent = [i for p in prefix.tolist() for i in self._recent.get(p, ())]
             if recent:
                 rows = np.concatenate([rows, np.array(recent, dtype=np.uint64)])
-        if not len(rows):
-            return np.empty(0, dtype=np.int64), total
-        rows = rows.astype(np.int64)
-        if k > 1:   # count first (a row appears once per equal band read), deduplicate the few left
-            rows = rows[(self._fp[rows] == self.fingerprints(keys)).sum(axis=1) >= k]
-        return np.unique(rows), total
+        if not rows.size:
+            return rows, 0
+        if np.maximum.reduce(rows) >= FLAG:
+            rows = self._read_heavy(rows, k)
+        read = rows.size
+        if k > 1:
+            rows = rows[np.add.reduce(self._fp[rows] == self.fingerprints(keys), axis=1) >= k]
+        return rows, read
+
+    def _read_heavy(self, rows: np.ndarray, k: int) -> np.ndarray:
+        """The light rows and the rows of the heavy buckets to read: all but the k - 1 largest
+        (a row with k equal bands is in one of those read)."""
+        heavy = rows >= FLAG
+        ids = (rows[heavy] - np.uint64(FLAG)).astype(np.intp)
+        rows = rows[~heavy]
+        if len(ids) <= k - 1:
+            return rows
+        lo, hi = self._heavy_bounds[ids], self._heavy_bounds[ids + 1]
+        read = np.argsort(hi - lo, kind="stable")[:len(ids) - (k - 1)]
+        return np.concatenate([rows, *(self._heavy_rows[a:b] for a, b in zip(lo[read].tolist(), hi[read].tolist()))])

@@ -69,10 +69,11 @@ _B = _rng.integers(0, 1 << 32, size=NUM_PERM, dtype=np.uint64)[:, None]
 _WORD = re.compile(r"\w+")
 _MASK32 = np.uint64(0xFFFFFFFF)
 # Band keys: vector multiply-shift hashing of each band's 4 values (random 64-bit multipliers);
-# lsh.BandIndex keeps the top 27 bits. Computed in memory only, so changing it needs no migration.
+# lsh.BandIndex finds buckets by bits 32-62 and fingerprints bits 16-31. Computed in memory only, so changing it needs no migration.
 _band_rng = np.random.default_rng(SEED + 1)
 _BAND_MUL = _band_rng.integers(1, 1 << 63, size=(BANDS, ROWS), dtype=np.uint64) | np.uint64(1)
 _BAND_ADD = _band_rng.integers(0, 1 << 63, size=BANDS, dtype=np.uint64)
+_BAND_MUL_FLAT = _BAND_MUL.reshape(-1)
 
 
 def shingles(text: str) -> set[str]:
@@ -100,8 +101,11 @@ def signature(text: str) -> np.ndarray | None:
 
 def band_keys(sigs: np.ndarray) -> np.ndarray:
     """(n, BANDS) uint64 band keys of (n, NUM_PERM) signatures (one signature: (1, BANDS))."""
-    rows = np.asarray(sigs).reshape(-1, BANDS, ROWS)
-    if len(rows) <= 64:              # a lookup: fewest numpy calls
+    sigs = np.asarray(sigs)
+    if sigs.size == NUM_PERM:        # a lookup: fewest numpy calls
+        return np.add.reduce((sigs.astype(np.uint64) * _BAND_MUL_FLAT).reshape(1, BANDS, ROWS), axis=2) + _BAND_ADD
+    rows = sigs.reshape(-1, BANDS, ROWS)
+    if len(rows) <= 64:
         return (rows.astype(np.uint64) * _BAND_MUL).sum(axis=2, dtype=np.uint64) + _BAND_ADD
     keys = np.broadcast_to(_BAND_ADD, (len(rows), BANDS)).copy()
     for r in range(ROWS):            # column by column: no (n, 32, 4) uint64 temporary
@@ -225,11 +229,11 @@ class NearDupIndex:
     def find_signature(self, sig: np.ndarray) -> NearDup | None:
         """find() for a signature already computed."""
         rows, self.last_read = self.bands.candidates(band_keys(sig), self.k)
-        self.last_candidates = len(rows)
-        if not len(rows):
+        self.last_candidates = rows.size
+        if not rows.size:
             return None
-        equal = (self._sigs[rows] == sig).sum(axis=1)
-        best = int(equal.max())
+        equal = np.add.reduce(self._sigs[rows] == sig, axis=1)   # a row read twice: compared twice
+        best = int(np.maximum.reduce(equal))
         if best / NUM_PERM < self.threshold:
             return None
         return NearDup(int(self._ids[rows][equal == best].min()), best / NUM_PERM)  # ties: lowest id
