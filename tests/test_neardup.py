@@ -129,8 +129,9 @@ def test_k_equal_bands_hold_for_every_pair_at_the_threshold() -> None:
 
 def test_band_index_returns_the_rows_with_k_equal_bands() -> None:
     """Against brute force, with heavy buckets (many signatures sharing bands), rows in the
-    sorted array and in the recent adds, and k from 1 to 32: every row with k equal bands, and
-    extra rows only where a 16-bit fingerprint collided (rare; the caller verifies signatures)."""
+    sorted array and in the recent adds, before and after merging them, and k from 1 to 32:
+    every row with k equal bands; extra rows (the caller verifies signatures) only where the
+    query left heavy buckets unread, and sharing at least k - (its heavy buckets) bands."""
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 1 << 32, size=NUM_PERM, dtype=np.uint32)
     sigs = rng.integers(0, 1 << 32, size=(3000, NUM_PERM), dtype=np.uint32)
@@ -158,9 +159,11 @@ def test_band_index_returns_the_rows_with_k_equal_bands() -> None:
                 got, _ = index.candidates(band_keys(q), k)
                 expected = np.flatnonzero(equal >= k)
                 assert set(expected) <= set(got.tolist()), k
+                # Extras only share fewer bands in the heavy buckets left unread: none without.
                 extra = np.setdiff1d(got, expected)
-                assert len(extra) <= max(1, len(expected) // 100), (k, len(extra))
-                assert (equal[extra] == k - 1).all()     # one band over-counted, never more
+                assert (equal[extra] >= 1).all() and (equal[extra] >= k - heavy_counts[-1]).all(), k
+                if heavy_counts[-1] == 0:
+                    assert not len(extra)
     # Not vacuous: queries with no heavy bucket, with a few (all skipped at k = 7), with many.
     assert min(heavy_counts) == 0 and any(0 < h < 7 for h in heavy_counts) and max(heavy_counts) > 12
 

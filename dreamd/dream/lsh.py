@@ -20,9 +20,8 @@ a slot starts in `_main`, and `_width` (the longest slot) how far it can reach: 
 for the 32 band keys at once, the `_width` entries after each slot start (one gather through a
 strided view), subtracts the query's prefix and keeps what falls below 2^32. What is left is the
 rows of the query's light buckets and the ids of its heavy ones: no search, no per-band bounds,
-about ten numpy calls whatever the store's size. Per row a 16-bit fingerprint of each band key
-(`_fp`, bits 16-31 of the key, disjoint from the prefix) counts its equal bands without
-searching. ~8 bytes per light entry, 4 per heavy one, 2 per fingerprint, plus the directory.
+about ten numpy calls whatever the store's size. 8 bytes per light entry, 4 per heavy one,
+plus the directory (4 bytes a slot).
 
 Adds go to a small dict (`_recent`) and are merged (the whole index rebuilt, one sort) when it
 holds more than an eighth of the rest (amortised O(log n) per add); a query reads both.
@@ -31,12 +30,15 @@ k of 32: a pair whose signatures agree in at least m of 128 positions differs in
 128 - m, so at least 32 - (128 - m) of the 32 bands of 4 rows are equal (pigeonhole). At the
 0.8 threshold (m = 103) that is 7 bands: requiring 7 equal bands loses no pair the signature
 check would accept, and drops the many template pairs that share a band or two through their
-common frame words (J ~ 0.3-0.6). It also lets a query leave k - 1 of its buckets unread (a row
-with k equal bands is in one of the others): a query with at most k - 1 heavy buckets reads none
-of them, one with more reads only its smallest heavy ones beyond the k - 1 largest; the
-fingerprints then count every band, read or not. Fingerprints only over-count (a 1 in 65,536
-chance per band), so a row with k equal bands is never dropped; the caller verifies the rows on
-their signatures.
+common frame words (J ~ 0.3-0.6). A row is read once per equal band, so:
+- a query with at most k - 1 heavy buckets reads none of them; a row with k equal bands is
+  then read at least k - (its heavy buckets) times from the light ones, and only rows read that
+  often are candidates (one sort of the ~30-250 rows read, no per-row lookup);
+- a query with more reads its heavy buckets but the k - 1 largest (a row with k equal bands is
+  in one of the others), and every row read is a candidate: the frame-heavy tail, where the
+  caller screens the candidates (neardup.NearDupIndex._screen) before comparing signatures.
+Nothing is dropped that has k equal bands; what is kept beyond that, the caller's comparison of
+the signatures rejects.
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ class BandIndex:
         if not 1 <= n_bands <= 32:
             raise ValueError(f"n_bands must be 1..32, got {n_bands}")
         self.n_bands = n_bands
-        self._fp = np.empty((0, n_bands), dtype=np.uint16)    # row -> band key fingerprints
         self._recent: dict[int, list[int]] = {}
         self._recent_entries = 0
         self._pending: list[np.ndarray] = []
@@ -73,18 +74,12 @@ class BandIndex:
     @property
     def nbytes(self) -> int:
         return int(self._padded.nbytes + self._dir.nbytes + self._heavy_rows.nbytes + self._heavy_bounds.nbytes
-                   + self._heavy_prefix.nbytes + self.size * self._fp.itemsize * self.n_bands) \
-            + self._recent_entries * 8
+                   + self._heavy_prefix.nbytes) + self._recent_entries * 8
 
     @staticmethod
     def prefixes(keys: np.ndarray) -> np.ndarray:
         """The bucket prefix of each band key (bits 32-62, in place; the row bits zero)."""
         return np.asarray(keys, dtype=np.uint64) & PREFIX
-
-    @staticmethod
-    def fingerprints(keys: np.ndarray) -> np.ndarray:
-        """Bits 16-31 of each band key (below the prefix's bits)."""
-        return (np.asarray(keys, dtype=np.uint64) >> np.uint64(16)).astype(np.uint16)
 
     def add(self, keys: np.ndarray, bulk: bool = False) -> np.ndarray:
         """Index new rows by their band `keys` ((n, n_bands)); returns their row numbers.
@@ -95,11 +90,6 @@ class BandIndex:
             return rows.astype(np.int64)
         if self.size + len(rows) > FLAG:
             raise ValueError(f"more than {FLAG} rows in a band index")
-        if self.size + len(rows) > len(self._fp):
-            grown = np.empty((max(self.size + len(rows), 2 * len(self._fp), 1024), self.n_bands), dtype=np.uint16)
-            grown[:self.size] = self._fp[:self.size]
-            self._fp = grown
-        self._fp[self.size:self.size + len(rows)] = self.fingerprints(keys)
         entries = self.prefixes(keys) | rows[:, None]
         self.size += len(rows)
         if bulk:
@@ -164,14 +154,14 @@ class BandIndex:
         self._window = as_strided(self._padded, shape=(len(main) + 1, width), strides=(8, 8), writeable=False)
 
     def candidates(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-        """Rows with at least `k` (>= 1) of the query's band `keys` equal (and, once in 65,536
-        per band, one the fingerprints over-count), in no order, a row once per equal band
-        read; and how many bucket entries the query read (the work it did)."""
+        """Rows that may have `k` (>= 1) of the query's band `keys` equal: every row that has,
+        and, when the query leaves heavy buckets unread, rows that share fewer (the caller
+        verifies the signatures); in no order, possibly repeated. And how many bucket entries
+        the query read (the work it did)."""
         k = max(1, min(k, self.n_bands))
         if self._pending:
             self.finish_loading()
-        keys = keys.reshape(-1)
-        prefix = keys & PREFIX
+        prefix = keys.reshape(-1) & PREFIX
         found = self._window[self._dir[prefix >> self._shift]] - prefix[:, None]
         rows = found[found < BUCKET]                   # light rows, heavy bucket ids (+ FLAG)
         if self._recent:
@@ -180,21 +170,27 @@ class BandIndex:
                 rows = np.concatenate([rows, np.array(recent, dtype=np.uint64)])
         if not rows.size:
             return rows, 0
+        unread = 0
         if np.maximum.reduce(rows) >= FLAG:
-            rows = self._read_heavy(rows, k)
+            rows, unread = self._read_heavy(rows, k)
         read = rows.size
-        if k > 1:
-            rows = rows[np.add.reduce(self._fp[rows] == self.fingerprints(keys), axis=1) >= k]
+        # A row is read once per equal band in a bucket read, and at most `unread` of its equal
+        # bands are in buckets not read: one with k equal bands is read at least `need` times.
+        need = k - unread
+        if need > 1:
+            rows.sort()
+            rows = rows[need - 1:][rows[need - 1:] == rows[:1 - need]]   # runs of >= need equal rows
         return rows, read
 
-    def _read_heavy(self, rows: np.ndarray, k: int) -> np.ndarray:
-        """The light rows and the rows of the heavy buckets to read: all but the k - 1 largest
-        (a row with k equal bands is in one of those read)."""
-        heavy = rows >= FLAG
-        ids = (rows[heavy] - np.uint64(FLAG)).astype(np.intp)
-        rows = rows[~heavy]
-        if len(ids) <= k - 1:
-            return rows
+    def _read_heavy(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        """The light rows and the rows of the heavy buckets to read, all but the k - 1 largest (a
+        row with k equal bands is in one of the others), and how many heavy buckets are not read."""
+        light = rows[rows < FLAG]
+        if rows.size - light.size <= k - 1:
+            return light, rows.size - light.size
+        ids = (rows[rows >= FLAG] - np.uint64(FLAG)).astype(np.intp)
+        rows = light
         lo, hi = self._heavy_bounds[ids], self._heavy_bounds[ids + 1]
         read = np.argsort(hi - lo, kind="stable")[:len(ids) - (k - 1)]
-        return np.concatenate([rows, *(self._heavy_rows[a:b] for a, b in zip(lo[read].tolist(), hi[read].tolist()))])
+        parts = (self._heavy_rows[a:b] for a, b in zip(lo[read].tolist(), hi[read].tolist()))
+        return np.concatenate([rows, *parts]), k - 1
