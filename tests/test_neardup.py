@@ -198,26 +198,33 @@ def test_band_index_reads_only_the_heavy_buckets_it_must() -> None:
 
 def test_index_finds_what_brute_force_finds_on_template_scenarios(store: Store) -> None:
     """The same recall as comparing every signature: planted near copies of stored template
-    scenarios and fresh draws, at 0.8 and 0.6 (k = 7 and k = 1)."""
+    scenarios and fresh draws, at 0.8 and 0.6 (k = 7 and k = 1), with a family of 200 that
+    share one frame of 40 words (heavy buckets: the queries that read them and screen their
+    many candidates on nibbles), screening as usual and screening every lookup."""
     run_id = store.start_run("r", "{}", "/m", 0)
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 8)
     dreamer, rng = TemplateDreamer(spec="spec", seed=9), random.Random(9)
     kinds = ["accept", "pushback", "derail", "general"]
     pool = [dreamer.dream(kinds[i % 4], rng) for i in range(700)]
+    frame = words_text(rng, 40)
+    family = [scenario_of(" ".join(frame + words_text(rng, rng.choice([1, 2, 4, 8, 16])))) for _ in range(200)]
+    pool += family
     ids = [stored(store, run_id, cycle_id, s) for s in pool]
     index = NearDupIndex(store)
     assert index.backfill() == len(pool)
     sigs = {sid: signature(s.text) for sid, s in zip(ids, pool)}
     matrix, order = np.stack(list(sigs.values())), list(sigs)
     queries = [signature(dreamer.dream(kinds[i % 4], rng).text) for i in range(150)]
-    for s in pool[:150]:                                        # planted: a few words changed
+    for s in pool[:150] + family[:50]:                          # planted: a few words changed
         words = s.text.split()
         for i in rng.sample(range(len(words)), max(1, len(words) // 40)):
             words[i] = "zz" + words[i]
         queries.append(signature(" ".join(words)))
-    for threshold in (0.8, 0.6):
-        index.threshold, index.k = threshold, bands_needed(threshold)
-        hits = 0
+    queries += [signature(" ".join(frame + words_text(rng, rng.choice([1, 3, 9])))) for _ in range(50)]
+    assert len(index.bands._heavy_prefix) > 7
+    for threshold, screen_above in ((0.8, 16), (0.8, 0), (0.6, 16), (0.6, 0)):
+        index.threshold, index.k, index.SCREEN_ABOVE = threshold, bands_needed(threshold), screen_above
+        hits = screened = 0
         for q in queries:
             sims = (matrix == q).sum(axis=1) / NUM_PERM
             best = int(np.argmax(sims))
@@ -225,7 +232,9 @@ def test_index_finds_what_brute_force_finds_on_template_scenarios(store: Store) 
             hit = index.find_signature(q)
             assert (None if hit is None else (hit.scenario_id, hit.similarity)) == expected
             hits += hit is not None
-        assert hits >= 100          # most planted ones at least: the test is not vacuous
+            screened += index.last_read > 16
+        assert hits >= 150          # most planted ones at least: the test is not vacuous
+        assert screened >= 50       # the frame's queries read its heavy buckets
 
 
 # ---- the persisted index --------------------------------------------------------------------

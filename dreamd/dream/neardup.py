@@ -26,9 +26,11 @@ at 0.5). The bands do not depend on the threshold; only k does.
 
 Persistence: `minhash_signatures` (scenario id -> 512-byte signature, scheme) is the index's
 only storage, so the check holds across restarts and across runs. When the index opens it reads
-every signature into memory (768 bytes a scenario with its bands: ~0.75 GB at 1e6 stored, read
-in ~10 s) and builds the band index (`lsh.BandIndex`); a lookup is then bucket searches and one
-vectorised comparison of the candidates' signatures, without touching the store. An accepted
+every signature into memory (512 bytes, 64 of its nibbles and ~240 of bands a scenario: ~0.8 GB
+at 1e6 stored) and builds the band index (`lsh.BandIndex`); a lookup is then one gather of its
+32 buckets, a count of the rows read and one vectorised comparison of the candidates'
+signatures (a frame-heavy query's hundreds screened first on their nibbles, `_screen`), without
+touching the store. An accepted
 scenario is written to the store and added in memory; `refresh()` reads what another process
 stored since. Scenarios accepted before the signature table existed (or signed under another
 SCHEME) are signed by `backfill()`.
@@ -69,7 +71,7 @@ _B = _rng.integers(0, 1 << 32, size=NUM_PERM, dtype=np.uint64)[:, None]
 _WORD = re.compile(r"\w+")
 _MASK32 = np.uint64(0xFFFFFFFF)
 # Band keys: vector multiply-shift hashing of each band's 4 values (random 64-bit multipliers);
-# lsh.BandIndex finds buckets by bits 32-62 and fingerprints bits 16-31. Computed in memory only, so changing it needs no migration.
+# lsh.BandIndex finds buckets by bits 32-62 of each key. Computed in memory only, so changing it needs no migration.
 _band_rng = np.random.default_rng(SEED + 1)
 _BAND_MUL = _band_rng.integers(1, 1 << 63, size=(BANDS, ROWS), dtype=np.uint64) | np.uint64(1)
 _BAND_ADD = _band_rng.integers(0, 1 << 63, size=BANDS, dtype=np.uint64)
@@ -152,7 +154,8 @@ class NearDupIndex:
     """Near-duplicate lookups against every accepted scenario of a run (or of every run) in `store` (a dreamd Store, or
     anything with add_minhashes / minhash_page / accepted_without_minhash). Opening it reads
     every stored signature of SCHEME into memory: the signatures (512 bytes each, compared
-    vectorised) and their band index (256 bytes each); a lookup does not touch the store."""
+    vectorised), their nibbles (64) and their band index (~240); a lookup does not touch the
+    store."""
 
     SCREEN_ABOVE = 16  # candidates above this many are screened on their nibbles first
     CACHE = 256  # signatures kept between the screening rule and add() (same content hash)
@@ -173,7 +176,7 @@ class NearDupIndex:
         self._ids = np.empty(0, dtype=np.int64)              # row -> scenario id
         self._sigs = np.empty((0, NUM_PERM), dtype=np.uint32)  # row -> signature
         self._nibbles = np.empty((0, NUM_PERM // 2), dtype=np.uint8)  # row -> nibbles(signature)
-        self._need = math.ceil(threshold * NUM_PERM - 1e-9)  # equal positions a near duplicate has
+        self._last_seen = np.zeros(0, dtype=np.int32)   # scratch: row -> its place in a lookup's rows
         self.size = 0
         self._cache: OrderedDict[str, np.ndarray | None] = OrderedDict()
         self._loaded_up_to = 0            # highest scenario id read from the store
@@ -213,6 +216,7 @@ class NearDupIndex:
             grown_ids[:self.size], grown_sigs[:self.size] = self._ids[:self.size], self._sigs[:self.size]
             grown_nibbles[:self.size] = self._nibbles[:self.size]
             self._ids, self._sigs, self._nibbles = grown_ids, grown_sigs, grown_nibbles
+            self._last_seen = np.zeros(cap, dtype=np.int32)
         self._ids[self.size:end], self._sigs[self.size:end] = ids, sigs
         self._nibbles[self.size:end] = nibbles(sigs)
         self.bands.add(band_keys(sigs), bulk=bulk)   # rows self.size .. end - 1, the same order
@@ -257,13 +261,15 @@ class NearDupIndex:
         return NearDup(int(self._ids[rows][equal == best].min()), best / NUM_PERM)  # ties: lowest id
 
     def _screen(self, rows: np.ndarray, sig: np.ndarray) -> np.ndarray:
-        """`rows` once each, less those whose equal nibbles (an upper bound of the equal
-        positions) fall short of the threshold's."""
-        rows.sort()
-        rows = rows[np.concatenate([[True], rows[1:] != rows[:-1]])]
+        """`rows` once each (without sorting: each row's last place in `rows`, through a
+        scratch array only this lookup's rows are read from), less those whose equal nibbles (an
+        upper bound of the equal positions) fall short of the threshold's."""
+        order = np.arange(rows.size, dtype=np.int32)
+        self._last_seen[rows] = order                # a repeated row: its last place wins
+        rows = rows[self._last_seen[rows] == order]
         differ = self._nibbles[rows] ^ nibbles(sig)
         equal = np.add.reduce((differ & np.uint8(0x0F)) == 0, axis=1) + np.add.reduce(differ < 16, axis=1)
-        return rows[equal >= self._need]
+        return rows[equal >= math.ceil(self.threshold * NUM_PERM - 1e-9)]
 
     def problem(self, scenario: Scenario) -> str | None:
         """Screening rule: why `scenario` is a near duplicate, or None."""
