@@ -54,7 +54,7 @@ PREFIX = np.uint64(((1 << 31) - 1) << ROW_BITS)  # the key bits a bucket is foun
 BUCKET = np.uint64(1 << ROW_BITS)  # entry - prefix < BUCKET: the entry is in the prefix's bucket
 FLAG = 1 << 31                     # row field >= FLAG: a heavy bucket's id (rows stay below)
 HEAVY = 8                          # a bucket with more rows is a heavy one
-ENTRIES_PER_SLOT = 4               # the directory's size: ~1 uint32 per 4 entries of _main
+ENTRIES_PER_SLOT = 8               # the directory: ~1 uint32 per 8 entries of _main
 _END = np.iinfo(np.uint64).max     # padding after the last entry (never a prefix: top bit 1)
 
 
