@@ -2,6 +2,7 @@
 (SQLite store) vs datasketch's in-memory MinHashLSH, with recall and false positives.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/neardup_bench.py --stored 1000 10000 100000 1000000
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/neardup_bench.py --interleaved --stored 1000 1000000
 
 The same script measures the code before migration 0006 (SQL bands) when run against that tree:
     git archive 7f58333 dreamd migrations | tar -x -C /tmp/nd-before
@@ -251,16 +252,43 @@ def bench(n: int, sigs: np.ndarray, texts: list[str], fresh: tuple[np.ndarray, l
     return out
 
 
+def interleaved(sizes: list[int], sigs: np.ndarray, queries: list[np.ndarray], threshold: float) -> None:
+    """dreamd's index at every size open at once, the same lookups timed round-robin across the
+    sizes (each query's fastest of ROUNDS): the growth with the store measured side by side,
+    under the same load, which the size-by-size runs above are not."""
+    indexes = {n: neardup.NearDupIndex(open_store(n, sigs), threshold=threshold) for n in sizes}
+    times = {n: [float("inf")] * len(queries) for n in sizes}
+    for _ in range(ROUNDS):
+        for n, index in indexes.items():
+            for i, q in enumerate(queries):
+                t = time.perf_counter()
+                index.find_signature(q)
+                times[n][i] = min(times[n][i], time.perf_counter() - t)
+    first = sizes[0]
+    for n in sizes:
+        mean, median = statistics.mean(times[n]) * 1e3, statistics.median(times[n]) * 1e3
+        print(f"interleaved stored={n:<8} ms={mean:.4f} median_ms={median:.4f} = "
+              f"{mean / (statistics.mean(times[first]) * 1e3):.2f}x (median "
+              f"{median / (statistics.median(times[first]) * 1e3):.2f}x) stored={first}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stored", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--interleaved", action="store_true",
+                    help="only dreamd, every size open at once, lookups timed round-robin across sizes")
     args = ap.parse_args()
     print(f"impl={IMPL} threshold={args.threshold} queries={args.queries} (+{args.queries} planted) "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     sigs, texts = corpus()
     fresh = draw(args.queries, QUERY_SEED)
+    if args.interleaved:
+        if not NEW:
+            raise SystemExit("--interleaved: the tree before migration 0006 has no in-memory index")
+        interleaved(args.stored, sigs, list(fresh[0]), args.threshold)
+        return
     results = {}
     for n in args.stored:
         plants = planted(texts, n, args.queries, args.threshold, seed=n)

@@ -16,8 +16,8 @@ candidate the signatures reject). Two kinds of bucket:
 - heavy (more: frame words that many template scenarios share): their rows in `_heavy_rows`
   (uint32, grouped by bucket), and ONE entry `prefix | FLAG | heavy id` in `_main` in their place.
 A directory of offsets by the prefix's top bits (~ENTRIES_PER_SLOT entries a slot) gives where
-a slot starts in `_main`, and `_width` (the longest slot) how far it can reach: a lookup reads,
-for the 32 band keys at once, the `_width` entries after each slot start (one gather through a
+a slot starts in `_main`, and the longest slot how far a bucket can reach from there: a lookup
+reads, for the 32 band keys at once, that many entries after each slot start (one gather through a
 strided view), subtracts the query's prefix and keeps what falls below 2^32. What is left is the
 rows of the query's light buckets and the ids of its heavy ones: no search, no per-band bounds,
 about ten numpy calls whatever the store's size. 8 bytes per light entry, 4 per heavy one,
@@ -78,7 +78,7 @@ class BandIndex:
 
     @staticmethod
     def prefixes(keys: np.ndarray) -> np.ndarray:
-        """The bucket prefix of each band key (bits 32-62, in place; the row bits zero)."""
+        """The bucket prefix of each band key: its bits 32-62, where they are (the row bits zero)."""
         return np.asarray(keys, dtype=np.uint64) & PREFIX
 
     def add(self, keys: np.ndarray, bulk: bool = False) -> np.ndarray:

@@ -26,14 +26,13 @@ at 0.5). The bands do not depend on the threshold; only k does.
 
 Persistence: `minhash_signatures` (scenario id -> 512-byte signature, scheme) is the index's
 only storage, so the check holds across restarts and across runs. When the index opens it reads
-every signature into memory (512 bytes, 64 of its nibbles and ~240 of bands a scenario: ~0.8 GB
-at 1e6 stored) and builds the band index (`lsh.BandIndex`); a lookup is then one gather of its
-32 buckets, a count of the rows read and one vectorised comparison of the candidates'
-signatures (a frame-heavy query's hundreds screened first on their nibbles, `_screen`), without
-touching the store. An accepted
-scenario is written to the store and added in memory; `refresh()` reads what another process
-stored since. Scenarios accepted before the signature table existed (or signed under another
-SCHEME) are signed by `backfill()`.
+every signature into memory (512 bytes, 64 of its nibbles, ~4 of scratch and ~220 of bands a
+scenario: ~0.8 GB at 1e6 stored) and builds the band index (`lsh.BandIndex`); a lookup is then
+one gather of its 32 buckets, a count of the rows read and one vectorised comparison of the
+candidates' signatures (a frame-heavy query's hundreds screened first on their nibbles,
+`_screen`), without touching the store. An accepted scenario is written to the store and added
+in memory; `refresh()` reads what another process stored since. Scenarios accepted before the
+signature table existed (or signed under another SCHEME) are signed by `backfill()`.
 tests/test_neardup.py and benchmarks/neardup_bench.py measure it against datasketch.
 """
 
@@ -157,8 +156,8 @@ class NearDupIndex:
     """Near-duplicate lookups against every accepted scenario of a run (or of every run) in `store` (a dreamd Store, or
     anything with add_minhashes / minhash_page / accepted_without_minhash). Opening it reads
     every stored signature of SCHEME into memory: the signatures (512 bytes each, compared
-    vectorised), their nibbles (64) and their band index (~240); a lookup does not touch the
-    store."""
+    vectorised), their nibbles (64) and their band index (~220); a lookup does not touch the
+    store. One lookup at a time (a scratch array is shared between lookups)."""
 
     SCREEN_ABOVE = 16  # candidates above this many are screened on their nibbles first
     CACHE = 256  # signatures kept between the screening rule and add() (same content hash)
@@ -227,8 +226,9 @@ class NearDupIndex:
 
     @property
     def nbytes(self) -> int:
-        """Memory held for the stored signatures: signatures, ids and bands."""
-        return self.size * (NUM_PERM * 4 + NUM_PERM // 2 + 8) + self.bands.nbytes
+        """Memory held for the stored signatures: signatures, their nibbles, ids, the scratch
+        array and bands."""
+        return self.size * (NUM_PERM * 4 + NUM_PERM // 2 + 8 + 4) + self.bands.nbytes
 
     def _signature(self, scenario: Scenario) -> np.ndarray | None:
         key = scenario.content_hash
