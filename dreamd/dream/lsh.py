@@ -170,27 +170,25 @@ class BandIndex:
                 rows = np.concatenate([rows, np.array(recent, dtype=np.uint64)])
         if not rows.size:
             return rows, 0
-        unread = 0
-        if np.maximum.reduce(rows) >= FLAG:
-            rows, unread = self._read_heavy(rows, k)
-        read = rows.size
-        # A row is read once per equal band in a bucket read, and at most `unread` of its equal
-        # bands are in buckets not read: one with k equal bands is read at least `need` times.
-        need = k - unread
+        rows.sort()                                    # heavy bucket ids (>= FLAG) sort last
+        light = int(rows.searchsorted(FLAG))
+        heavy = rows.size - light
+        if heavy > k - 1:                              # read all but the k - 1 largest
+            rows = self._read_heavy(rows[:light], rows[light:], k)
+            return rows, rows.size                     # at most k - 1 equal bands unread: any row
+        # A row is read once per equal band in a light bucket, and at most `heavy` of its equal
+        # bands are in the heavy buckets left unread: one with k equal bands is read at least
+        # `need` times. (A heavy id is there once: never a run of 2.)
+        need = k - heavy
         if need > 1:
-            rows.sort()
-            rows = rows[need - 1:][rows[need - 1:] == rows[:1 - need]]   # runs of >= need equal rows
-        return rows, read
+            return rows[need - 1:][rows[need - 1:] == rows[:1 - need]], light   # runs of >= need
+        return rows[:light], light
 
-    def _read_heavy(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-        """The light rows and the rows of the heavy buckets to read, all but the k - 1 largest (a
-        row with k equal bands is in one of the others), and how many heavy buckets are not read."""
-        light = rows[rows < FLAG]
-        if rows.size - light.size <= k - 1:
-            return light, rows.size - light.size
-        ids = (rows[rows >= FLAG] - np.uint64(FLAG)).astype(np.intp)
-        rows = light
+    def _read_heavy(self, light: np.ndarray, refs: np.ndarray, k: int) -> np.ndarray:
+        """The `light` rows and those of the heavy buckets `refs` (FLAG + id) but the k - 1
+        largest (a row with k equal bands is in one of the others)."""
+        ids = (refs - np.uint64(FLAG)).astype(np.intp)
         lo, hi = self._heavy_bounds[ids], self._heavy_bounds[ids + 1]
         read = np.argsort(hi - lo, kind="stable")[:len(ids) - (k - 1)]
         parts = (self._heavy_rows[a:b] for a, b in zip(lo[read].tolist(), hi[read].tolist()))
-        return np.concatenate([rows, *parts]), k - 1
+        return np.concatenate([light, *parts])
