@@ -4,8 +4,9 @@ enough bands with a query to be worth comparing.
     bands = BandIndex(n_bands=32)
     rows = bands.add(keys)               # keys: (n, 32) uint64 band keys (neardup.band_keys);
                                          # rows 0, 1, 2, ... in the order added
-    bands.candidates(query_keys, k=7)    # rows sharing >= 7 of the 32 band keys (int array,
-                                         # a row once per equal band read: not deduplicated)
+    bands.candidates(query_keys, k=7)    # every row sharing >= 7 of the 32 band keys, and
+                                         # some sharing fewer where heavy buckets go unread
+                                         # (uint64 array, not deduplicated; the caller verifies)
 
 Layout. A bucket is the rows whose band b has key h; its prefix is 31 bits of the band key
 (`PREFIX`: bits 32-62; the band keys of different bands are different hashes, so the band needs
@@ -33,7 +34,7 @@ check would accept, and drops the many template pairs that share a band or two t
 common frame words (J ~ 0.3-0.6). A row is read once per equal band, so:
 - a query with at most k - 1 heavy buckets reads none of them; a row with k equal bands is
   then read at least k - (its heavy buckets) times from the light ones, and only rows read that
-  often are candidates (one sort of the ~30-250 rows read, no per-row lookup);
+  often are candidates (one sort of the 0-256 rows read, no per-row lookup);
 - a query with more reads its heavy buckets but the k - 1 largest (a row with k equal bands is
   in one of the others), and every row read is a candidate: the frame-heavy tail, where the
   caller screens the candidates (neardup.NearDupIndex._screen) before comparing signatures.
