@@ -94,6 +94,7 @@ def test_two_ranks_each_with_its_own_vllm_run_two_cycles(setup_dir: Path, tmp_pa
     for row in canaries:
         detail = json.loads(row["detail_json"]) if isinstance(row["detail_json"], str) else row["detail_json"]
         assert detail["ok"] and detail["rank"] in (0, 1), detail
+        assert len(detail["per_rank"]) == 2 and max(detail["per_rank"]) <= detail["atol"], detail
     # the model dreamer wrote through both ranks' engines (candidates from the model exist)
     model_written = store_rows(url, "SELECT COUNT(*) AS n FROM scenarios WHERE source = 'model'")
     assert model_written[0]["n"] > 0

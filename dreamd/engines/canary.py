@@ -65,6 +65,8 @@ class CanaryResult:
     rank: int | None = None
     """Under torchrun (engines/ranked.py): the rank whose engine these numbers are, the worst
     of all ranks' (a mismatch on any rank fails the cycle). None: one process."""
+    per_rank: tuple[float, ...] = ()
+    """Under torchrun: every rank's mean |delta logprob|, by rank. Empty: one process."""
 
     def to_json(self) -> dict:
         """Plain numbers for the store."""
@@ -114,7 +116,8 @@ def run_canary(engine: Engine, model: PreTrainedModel, probe: list[int], atol: f
     else:
         results = [replace(compare(list(lp[0]), trainer_lp, atol), rank=rank)
                    for rank, lp in enumerate(by_rank([probe]))]
-        result = max(results, key=lambda r: (not r.ok, r.mean_abs_diff))
+        result = replace(max(results, key=lambda r: (not r.ok, r.mean_abs_diff)),
+                         per_rank=tuple(r.mean_abs_diff for r in results))
     if not result.ok:
         raise CanaryMismatch(result)
     return result
