@@ -56,9 +56,10 @@ def make_engine(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokeni
     are pushed, and the canary must pass before it is returned. Build it before the trainer
     allocates optimizer state (vLLM sizes itself against memory free at that moment).
     `threads`: torch threads to keep (run.threads, resolved), which vLLM's CPU worker honours.
-    `shards`: rank 0 of a torchrun world: its sharded trainer's weights (train/distributed.py,
-    ShardedTrainer.shards): vLLM then runs on every rank (engines/ranked.py), pushed from the shards, and the
-    canary checks every rank's engine.
+    `shards`: rank 0 of a torchrun world: its sharded trainer's weights (Shards.of(trainer)):
+    vLLM then runs on every rank (engines/ranked.py), each pushed from the shards, and the
+    canary checks every rank's engine. A tensor_parallel_size that does not divide the world is
+    refused in one line whichever engine 'auto' would pick.
     """
     kind = cfg.engine.kind
     tp = cfg.engine.tensor_parallel_size
