@@ -80,6 +80,8 @@ def test_two_ranks_each_with_its_own_vllm_run_two_cycles(setup_dir: Path, tmp_pa
     text = log.read_text()
     ready = [json.loads(line) for line in text.splitlines() if '"engine.ready"' in line]
     assert len(ready) == 1 and ready[0]["kind"] == "vllm" and ready[0]["ranks"] == 2, ready
+    pushes = [json.loads(line) for line in text.splitlines() if '"engine.push"' in line]
+    assert len(pushes) == 3 and all(p["ranks"] == 2 and p["sent"][0] == p["sent"][1] > 0 for p in pushes)
 
     url = sqlite_url(state)
     assert [r["step"] for r in store_rows(url, STEP_SQL)] == list(range(2 * STEPS_PER_CYCLE))
@@ -98,3 +100,48 @@ def test_two_ranks_each_with_its_own_vllm_run_two_cycles(setup_dir: Path, tmp_pa
     # the model dreamer wrote through both ranks' engines (candidates from the model exist)
     model_written = store_rows(url, "SELECT COUNT(*) AS n FROM scenarios WHERE source = 'model'")
     assert model_written[0]["n"] > 0
+
+
+@pytest.mark.slow
+def test_a_failed_cycle_rolls_back_and_pushes_the_reset_shards_to_both_engines(setup_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """`torchrun ... dreamd once` whose cycle fails: the ' instructions' embedding is NaN
+    (tests/test_faults.py), derail scenarios hold it, max_nonfinite_steps 1. The rollback resets
+    every rank's shards to model.path and only then pushes them into both engines, whose canary
+    must pass (else the rollback raises and the process dies with a traceback). The NaN lands in
+    the pass's first step, so the shards never changed: this shows the rollback's push and
+    canary on both ranks, not that the push follows the restore (run.py: Run.roll_back)."""
+    import subprocess
+    import sys
+
+    from tests.daemon_process import child_env
+    from tests.test_faults import model_with_nan_tokens
+
+    _require_vllm()
+    model = tmp_path / "nan-model"
+    model_with_nan_tokens(setup_dir, model, (" instructions",))
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "f.toml", state, model__path=model, engine__kind="vllm",
+                          engine__kv_cache_memory_bytes=64 << 20, train__max_nonfinite_steps=1)
+    log = tmp_path / "f.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "dreamd", "once", "--config", str(config), "--now"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, env=child_env(PYTHONPATH=str(root)), cwd=root, stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    code = finish(proc, log)
+    text = log.read_text()
+    assert "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text, text[-4000:]
+    assert code != 0                                     # `once` with a failed cycle
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    pushes = [e for e in events if e["event"] == "engine.push"]
+    # at start, then after the rollback (the failed training pass pushed nothing): both ranks,
+    # every parameter, one at a time
+    assert len(pushes) == 2 and all(p["ranks"] == 2 and len(set(p["sent"])) == 1 for p in pushes), pushes
+    assert [e["event"] for e in events if e["event"] in ("engine.push", "cycle.rollback")] == \
+        ["engine.push", "cycle.rollback", "engine.push"]
+    url = sqlite_url(state)
+    assert [c["status"] for c in store_rows(url, "SELECT status FROM cycles")] == ["failed"]
+    rollbacks = store_rows(url, "SELECT reason FROM decisions WHERE action = 'rollback'")
+    assert len(rollbacks) == 1 and "non-finite" in rollbacks[0]["reason"], rollbacks
+    assert not store_rows(url, "SELECT id FROM train_steps WHERE status = 'active'")

@@ -40,6 +40,9 @@ import torch.distributed as dist
 from dreamd.dream.scenario import Message
 from dreamd.engines.base import Completion, GenerationMeter, Sampling
 from dreamd.errors import UsageError
+from dreamd.log import get_logger
+
+log = get_logger("dreamd.engines")
 
 RANK_SEED_STRIDE = 1_000_003
 """Data-parallel rank d samples with seed + d x this (a prime: streams of nearby seeds do not meet)."""
@@ -147,7 +150,7 @@ class RankSide:
             finally:
                 for _ in source:   # join the gathers the other ranks still make
                     pass
-            return None
+            return self.engine.last_push
         if op == "sleep":
             return self.engine.sleep(payload)
         if op == "wake":
@@ -250,4 +253,6 @@ class RankedEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Every rank pushes into its own vLLM from the shards (module docstring); the serving
         model's tensors passed here are not read."""
-        self._everywhere("push", None)
+        reports = self._everywhere("push", None)
+        log.info("engine.push", ranks=len(reports), sent=[r.sent for r in reports],
+                 loaded=[r.loaded for r in reports], reload=reports[0].reload)
