@@ -14,6 +14,8 @@ A/B per repeat so load on a shared box hits both sides alike (median [min, max])
 2. vLLM vs the transformers engine for the same batched sampled generation: tokens/s ratio.
 3. push (all weights through the layerwise reload) + canary, seconds vs one training step
    (dreamd's Trainer, APOLLO, a batch of 4 template scenarios).
+4. the push one tensor per collective_rpc (load_weights_streamed: the torchrun push from the
+   FSDP2 shards, engines/ranked.py, without the gathers) vs all weights in one call, seconds.
 Prints a Markdown table for docs/benchmarks.md.
 """
 
@@ -127,12 +129,28 @@ def measure(args: argparse.Namespace) -> dict:
         push_s.append(push)
         ratio.append(push / step)
 
+    # ---- the push one tensor per call (torchrun: from the FSDP2 shards) vs all at once -------
+    names = [name for name, _ in model.named_parameters()]
+    whole_s, streamed_s, stream_ratio = [], [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        engine.load_weights(model.named_parameters())
+        whole = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.load_weights_streamed(model.named_parameters(), names)
+        streamed = time.perf_counter() - t0
+        whole_s.append(whole)
+        streamed_s.append(streamed)
+        stream_ratio.append(streamed / whole)
+    assert run_canary(engine, model, probe).ok
+
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     about = (f"model {path} ({params_m:.1f}M params, {next(model.parameters()).dtype}), vllm "
              f"{engine.api.version} ({engine.api.device}), torch {torch.__version__}, threads {args.threads}, "
              f"repeats {args.repeats}, python {sys.version.split()[0]}")
     return {"overhead": overhead, "eng_tps": eng_tps, "raw_tps": raw_tps, "vs_hf": vs_hf, "hf_tps": hf_tps,
-            "push_ratio": ratio, "push_s": push_s, "step_s": step_s, "about": about}
+            "push_ratio": ratio, "push_s": push_s, "step_s": step_s, "stream_ratio": stream_ratio,
+            "streamed_s": streamed_s, "whole_s": whole_s, "tensors": len(names), "about": about}
 
 
 def main() -> None:
@@ -154,6 +172,8 @@ def main() -> None:
           f"vLLM | {spread(hf_tps)} tok/s |")
     print(f"| push all weights + canary / one train step (batch 4, APOLLO) | {spread(ratio)} | "
           f"{spread(push_s)} s | {spread(step_s)} s |")
+    print(f"| push one tensor per call ({m['tensors']} calls, as from FSDP2 shards) / all in one call | "
+          f"{spread(m['stream_ratio'])} | {spread(m['streamed_s'])} s | {spread(m['whole_s'])} s |")
 
 
 if __name__ == "__main__":

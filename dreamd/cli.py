@@ -63,7 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     world = torchrun_world()   # under torchrun: rank 0 is the daemon, the others train with it
     if world is not None and not world.is_main:
-        return run_follower(cfg, world)
+        from dreamd.engines.ranked import RankSide
+
+        return run_follower(cfg, world, lambda trainer: RankSide.of(trainer, cfg.engine.tensor_parallel_size))
     code = run_daemon(cfg, once=args.command == "once", schedule=not args.now)
     finish(world)    # not after an exception: the world may be broken, torchrun ends the others
     return code

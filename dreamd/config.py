@@ -120,6 +120,11 @@ class EngineConfig(Section):
     """vLLM only: longest prompt + reply the engine accepts."""
     canary_atol: Annotated[float | None, Field(gt=0.0)] = None
     """Tolerance of the post-push canary (mean |logprob difference|). None: by dtype."""
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=1024)] = 1
+    """vLLM under torchrun only: ranks per vLLM tensor-parallel group (must divide the world
+    size). 1: every rank its own engine, the cycle's generation dealt across the ranks
+    (data-parallel dreaming); the world size: one model sliced across all ranks. A single
+    process serves with one engine of its own and needs 1 (docs/operations.md)."""
 
 
 class DreamConfig(Section):

@@ -192,6 +192,14 @@ class Run:
             raise CheckpointFailed(str(exc)) from exc
         return saved.path
 
+    def serve_restored(self) -> None:
+        """The engine serves the restored weights too (a sleeping vLLM is woken first); the
+        canary checks it. On CPU the transformers engine shares the model's storage and this is a
+        check only; vLLM under torchrun is pushed from the shards on every rank."""
+        window = self.window if self.window is not None else self.open_window()
+        window.after_train(self.model)
+        self.window = None
+
     def roll_back(self, state: RunState, reason: str, decision: ControllerDecision | None = None) -> RunState:
         """The one way back to the last good state: weights, optimizer, RNGs and `state` (in
         place, also returned) from the newest complete checkpoint, or the run's start (model.path,
@@ -210,13 +218,10 @@ class Run:
             for name, p in self.model.named_parameters():
                 p.copy_(fresh.get_parameter(name))
         del fresh
-        # The engine must serve the restored weights too (a sleeping vLLM is woken first); the
-        # canary checks it. On CPU the engine shares the model's storage and this is a check only.
-        window = self.window if self.window is not None else self.open_window()
-        window.after_train(self.model)
-        self.window = None
-        before = {**asdict(state.settings), "step": self.trainer.last_step}
         sharded = getattr(self.trainer, "world", None) is not None   # train/distributed.py
+        if not sharded:
+            self.serve_restored()
+        before = {**asdict(state.settings), "step": self.trainer.last_step}
         if not sharded:
             self.trainer = Trainer(self.model, self.cfg.train, self.cfg.optimizer, seed=self.cfg.run.seed)
         if latest is not None:
@@ -226,6 +231,8 @@ class Run:
                 self.trainer.reset(dict(self.model.named_parameters()))
             seed_global_rngs(self.cfg.run.seed)
             restored = RunState.fresh(state.run_id, self.cfg)
+        if sharded:     # every rank's engine is pushed from the shards, restored just now
+            self.serve_restored()
         self.store.supersede_after(self.run_id, self.trainer.step - 1)
         if decision is None:
             after = {**asdict(restored.settings), "step": self.trainer.last_step}
@@ -252,6 +259,7 @@ def restore(trainer: Trainer, ck: LoadedCheckpoint) -> RunState:
 def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]:
     """Build every part and the run state, resuming the run of this name if one is unfinished."""
     from dreamd.dream.templates import TemplateDreamer
+    from dreamd.engines.ranked import Shards
     from dreamd.engines.select import make_engine
     from dreamd.evals.suite import ProbeSuite
     from dreamd.models import apply_threads, load_model, resolve_device
@@ -306,9 +314,10 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     stage("load model")
     model, tokenizer = load_model(model_cfg, device)
     # The engine before the optimizer: vLLM sizes its KV cache against the memory free now.
+    # Under torchrun every rank's engine is pushed from the shards: after they are restored.
     stage("build engine")
-    engine = make_engine(cfg, model, tokenizer, threads=threads, sharded=world is not None)
     if world is None:
+        engine = make_engine(cfg, model, tokenizer, threads=threads)
         trainer = Trainer(model, cfg.train, cfg.optimizer, seed=cfg.run.seed)
     else:   # `model` is the full copy rank 0 serves and evaluates; the trainer's is sharded
         trainer = open_sharded_trainer(cfg, world, device, serving=model)
@@ -328,6 +337,8 @@ def open_run(cfg: Config, hooks: RunHooks | None = None) -> tuple[Run, RunState]
     if row is not None and latest is None:
         gone = store.supersede_after(run_id, -1)
         store.add_event(run_id, "restart", {"checkpoint": None, "step": None, "superseded": gone._asdict()})
+    if world is not None:
+        engine = make_engine(cfg, model, tokenizer, threads=threads, shards=Shards.of(trainer))
 
     # ---- probes: drawn once per run (stored, status 'probe'), held out of training by a
     # screening rule, and measured before the first cycle (the baseline, evals.cycle_id NULL) ----

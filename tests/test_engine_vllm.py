@@ -476,16 +476,47 @@ def test_window_for_config_on_cpu(dirs: dict[str, Path]) -> None:
     assert window.last_canary.ok
 
 
-def test_rank_0_of_a_torchrun_world_is_served_by_transformers(dirs: dict[str, Path]) -> None:
-    """vLLM would build a distributed group of its own from torchrun's RANK/WORLD_SIZE: 'auto'
-    falls back with that reason whether or not vLLM could serve the model, 'vllm' is refused."""
-    from dreamd.engines.select import SHARDED_REASON
+def test_rank_0_of_a_torchrun_world_engine_choice(dirs: dict[str, Path]) -> None:
+    """Under torchrun 'transformers' stays rank 0's own engine; vLLM runs on every rank
+    (engines/ranked.py, run for real by tests/test_distributed_vllm.py), and a
+    tensor_parallel_size that does not divide the world is refused in one line before any
+    engine is built."""
+    from dreamd.engines.ranked import Shards
 
     model, tk = _trainer(dirs["llama"])
-    cfg = Config.model_validate({"engine": {"kind": "auto"}})
-    assert isinstance(make_engine(cfg, model, tk, sharded=True), TransformersEngine)
-    cfg = Config.model_validate({"engine": {"kind": "vllm"}})
+    shards = Shards(rank=0, size=2, names=[], gather=lambda: iter(()))
+    cfg = Config.model_validate({"engine": {"kind": "transformers"}})
+    assert isinstance(make_engine(cfg, model, tk, shards=shards), TransformersEngine)
+    cfg = Config.model_validate({"engine": {"kind": "vllm", "tensor_parallel_size": 3}})
     with pytest.raises(UsageError) as info:
-        make_engine(cfg, model, tk, sharded=True)
-    assert str(info.value).startswith(f"engine.kind = 'vllm' but {SHARDED_REASON}")
+        make_engine(cfg, model, tk, shards=shards)
+    assert str(info.value).startswith("engine.tensor_parallel_size = 3 does not divide the torchrun world of 2")
     assert "\n" not in str(info.value)
+
+
+def test_streamed_push_sends_one_tensor_at_a_time(dirs: dict[str, Path]) -> None:
+    """load_weights_streamed (the push from FSDP2 shards, engines/ranked.py): one collective_rpc
+    per tensor between the open and the close, each tensor taken from the iterator only when
+    sent; the names are checked whole before anything is sent."""
+    from dreamd.engines.canary import run_canary
+
+    engine, model, llm = _engine(dirs["llama"])
+    _train_a_little(model, engine.tokenizer, steps=2)
+    names = [name for name, _ in model.named_parameters()]
+    taken: list[str] = []
+
+    def one_by_one():
+        for name, p in model.named_parameters():
+            taken.append(name)
+            yield name, p.detach().clone()
+
+    before = len(llm.calls)
+    engine.load_weights_streamed(one_by_one(), names)
+    rpc = [c for c in llm.calls[before:] if c[0] == "collective_rpc"]
+    assert len(rpc) == len(names) + 2                       # open, one per tensor, close
+    assert all(len(c[1]["args"][0]) == 1 for c in rpc[1:-1])
+    assert taken == names and engine.last_push.sent == len(names) and not engine.last_push.missing
+    assert run_canary(engine, model, canary_probe(engine.tokenizer), 1e-4).ok
+    with pytest.raises(ValueError, match="weight push is incomplete"):
+        engine.load_weights_streamed(one_by_one(), [n for n in names if "k_proj" not in n])
+    assert taken == names                                   # refused before the first tensor

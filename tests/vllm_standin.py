@@ -150,6 +150,8 @@ class RecordingLLM:
         self.prefix_cache_stale = False
         self.served_stale_prefix = 0
         self.weight_pushes = 0
+        self.worker = Worker(self)
+        """One worker for the LLM's lifetime, as vLLM's (a push keeps its state on it between calls)."""
         self.refuse_reset = False
         self.lie_about: set[str] = set()
         self._offloaded: dict[str, torch.Tensor] = {}
@@ -260,5 +262,5 @@ class RecordingLLM:
             self.hf.load_state_dict(disk.state_dict())
             return [None]
         if callable(method):
-            return [method(Worker(self), *args, **(kwargs or {}))]
+            return [method(self.worker, *args, **(kwargs or {}))]
         raise AttributeError(f"stand-in worker has no method {method!r}")

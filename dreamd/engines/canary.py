@@ -15,7 +15,7 @@ overrides them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from transformers import PreTrainedModel
@@ -62,6 +62,11 @@ class CanaryResult:
     tokens: int
     engine_logprobs: tuple[float, ...]
     trainer_logprobs: tuple[float, ...]
+    rank: int | None = None
+    """Under torchrun (engines/ranked.py): the rank whose engine these numbers are, the worst
+    of all ranks' (a mismatch on any rank fails the cycle). None: one process."""
+    per_rank: tuple[float, ...] = ()
+    """Under torchrun: every rank's mean |delta logprob|, by rank. Empty: one process."""
 
     def to_json(self) -> dict:
         """Plain numbers for the store."""
@@ -72,7 +77,8 @@ class CanaryMismatch(CycleFailed):
     """The engine does not score the probe as the trainer does; `.result` holds the numbers."""
 
     def __init__(self, result: CanaryResult) -> None:
-        super().__init__(f"canary mismatch after weight push: mean |delta logprob| "
+        where = "" if result.rank is None else f" on rank {result.rank}"
+        super().__init__(f"canary mismatch after weight push{where}: mean |delta logprob| "
                          f"{result.mean_abs_diff:.4g} > atol {result.atol:.3g} (max {result.max_abs_diff:.4g}, "
                          f"{result.tokens} tokens); the engine is not serving the trained weights")
         self.result = result
@@ -103,8 +109,15 @@ def run_canary(engine: Engine, model: PreTrainedModel, probe: list[int], atol: f
         # bf16 engine).
         dtypes = [next(model.parameters()).dtype, getattr(engine, "dtype", None)]
         atol = max(default_atol(d) for d in dtypes if isinstance(d, torch.dtype))
-    engine_lp = engine.prompt_logprobs([probe])[0]
-    result = compare(list(engine_lp), trainer_prompt_logprobs(model, probe), atol)
+    trainer_lp = trainer_prompt_logprobs(model, probe)
+    by_rank = getattr(engine, "prompt_logprobs_by_rank", None)   # vLLM on every torchrun rank
+    if by_rank is None:
+        result = compare(list(engine.prompt_logprobs([probe])[0]), trainer_lp, atol)
+    else:
+        results = [replace(compare(list(lp[0]), trainer_lp, atol), rank=rank)
+                   for rank, lp in enumerate(by_rank([probe]))]
+        result = replace(max(results, key=lambda r: (not r.ok, r.mean_abs_diff)),
+                         per_rank=tuple(r.mean_abs_diff for r in results))
     if not result.ok:
         raise CanaryMismatch(result)
     return result

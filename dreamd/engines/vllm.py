@@ -63,6 +63,9 @@ class VLLMEngine:
         self.last_generated_tokens = 0
         """Completion tokens produced by the last generate() call (for tokens/s)."""
         self.meter = GenerationMeter()
+        self.lockstep = False
+        """Under torchrun with vLLM data parallelism the ranks' engines step together (vLLM
+        all-reduces every step): a rank with nothing to generate still calls vLLM, and idles."""
 
     @classmethod
     def create(cls, *, model_path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -75,28 +78,44 @@ class VLLMEngine:
         memory free now, unless engine.kv_cache_memory_bytes fixes the KV cache size.
         `threads`: torch threads the process keeps on vLLM's CPU platform (run.threads).
         """
+        engine = cls.build(model_path=model_path, config=model.config, dtype=next(model.parameters()).dtype,
+                           stop_ids=generation_stop_ids(tokenizer, model), tokenizer=tokenizer,
+                           engine_cfg=engine_cfg, seed=seed, api=api, threads=threads)
+        engine.load_weights(model.named_parameters())
+        return engine
+
+    @classmethod
+    def build(cls, *, model_path: Path, config: Any, dtype: torch.dtype, stop_ids: list[int],
+              tokenizer: PreTrainedTokenizerBase, engine_cfg: EngineConfig, seed: int,
+              api: compat.VllmApi | None = None, threads: int | None = None,
+              launcher: tuple[int, int] | None = None) -> VLLMEngine:
+        """The LLM with dummy weights (weights_valid False until the first push). `launcher`:
+        (tensor_parallel_size, data_parallel_size) under torchrun (engines/ranked.py): vLLM's
+        external_launcher, which joins the process group torchrun's ranks already hold; every
+        rank must build at once."""
         api = api or compat.import_vllm()
-        layout = layout_for(model.config)
+        layout = layout_for(config)
         compat.prepare_architecture(api, layout.served_architecture)
-        dtype = next(model.parameters()).dtype
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"vLLM serves float32/bfloat16/float16 weights, the trainer has {dtype}")
         if api.device == "cpu":
-            if (reason := compat.cpu_unsupported_reason(model.config, dtype)) is not None:
+            if (reason := compat.cpu_unsupported_reason(config, dtype)) is not None:
                 raise ValueError(f"vLLM's CPU platform cannot serve {model_path}: {reason}")
             if threads is not None:
                 compat.cpu_thread_env(threads)
         kv_bytes = engine_cfg.kv_cache_memory_bytes
         if kv_bytes is None and api.device == "cpu":
             kv_bytes = CPU_DEFAULT_KV_BYTES
-        llm = api.LLM(**compat.llm_kwargs(
+        kwargs = compat.llm_kwargs(
             model_path=str(model_path), dtype=DTYPE_NAMES[dtype], seed=seed,
             gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
             enforce_eager=engine_cfg.enforce_eager, max_model_len=engine_cfg.max_model_len,
-            kv_cache_memory_bytes=kv_bytes, sleep_mode=api.sleep_mode))
-        engine = cls(llm, api, tokenizer, layout, stop_ids=generation_stop_ids(tokenizer, model),
+            kv_cache_memory_bytes=kv_bytes, sleep_mode=api.sleep_mode)
+        if launcher is not None:
+            kwargs.update(compat.external_launcher_kwargs(*launcher))
+        engine = cls(api.LLM(**kwargs), api, tokenizer, layout, stop_ids=stop_ids,
                      max_model_len=engine_cfg.max_model_len, dtype=dtype)
-        engine.load_weights(model.named_parameters())
+        engine.lockstep = launcher is not None and launcher[1] > 1
         return engine
 
     # ---- state machine ---------------------------------------------------------------------
@@ -128,6 +147,10 @@ class VLLMEngine:
         if "kv_cache" in wanted and self._prefix_cache_stale:
             self._reset_prefix_cache()
 
+    def close(self) -> None:
+        """Shut vLLM down now (vllm_compat.shutdown: under torchrun this ends the world too)."""
+        compat.shutdown(self.llm)
+
     def _reset_prefix_cache(self) -> None:
         if not compat.reset_prefix_cache(self.llm):
             raise RuntimeError("vLLM refused reset_prefix_cache() after a weight push (requests still "
@@ -144,11 +167,25 @@ class VLLMEngine:
     # ---- weights ---------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push ALL the trainer's weights in place, by HF name (see module docstring)."""
+        self._push([self.layout.push_tensors(named_tensors)])
+
+    def load_weights_streamed(self, named_tensors: Iterable[tuple[str, torch.Tensor]], names: list[str]) -> None:
+        """Push ALL the weights one tensor at a time, as `named_tensors` yields them (under
+        torchrun: each gathered whole from the FSDP2 shards just before, and dropped after, so
+        no rank ever holds the whole model). `names`: every name it will yield, checked first."""
+        pushed = [name for name in map(self.layout.push_name, names) if name is not None]
+        if not pushed:
+            raise ValueError("weight push is empty: no named tensors were given")
+        self.layout.check_complete(pushed)
+        layout = self.layout
+        self._push([(name, tensor.detach())] for name, tensor in
+                   ((layout.push_name(hf), t) for hf, t in named_tensors) if name is not None)
+
+    def _push(self, chunks: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         if "weights" in self.sleep_state.asleep:
             raise RuntimeError("load_weights called while the weights sleep; call wake(['weights']) first")
-        push = self.layout.push_tensors(named_tensors)
         self.sleep_state.weights_valid = False  # until the push is known to be whole
-        report = compat.push_weights(self.api, self.llm, push, self.layout.tied)
+        report = compat.push_weights(self.api, self.llm, chunks, self.layout.tied)
         self.pushes += 1
         self.last_push = report
         if report.missing:
@@ -216,7 +253,11 @@ class VLLMEngine:
         with torch.random.fork_rng(devices=[]):
             if process_seed is not None:
                 torch.manual_seed(process_seed)
-            outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+            if prompts:
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            else:  # an idle rank in lockstep joins its peers' steps (vLLM wants one params then)
+                outputs = [] if not self.lockstep else self.llm.generate([], self._sampling_params(
+                    n=1, temperature=0.0, top_p=1.0, max_tokens=1, seed=None, stop_token_ids=[]), use_tqdm=False)
         result = [self._completion(min(out.outputs, key=lambda c: c.index)) for out in outputs]
         self.last_generated_tokens = sum(len(c.token_ids) for c in result)
         self.meter.add(self.last_generated_tokens, time.perf_counter() - t0)
@@ -237,7 +278,8 @@ class VLLMEngine:
         scored = [ids for ids in token_ids if len(ids) >= 2]
         params = self._sampling_params(n=1, temperature=0.0, top_p=1.0, max_tokens=1, seed=None,
                                        stop_token_ids=[], prompt_logprobs=0)
-        outputs = self.llm.generate(self._tokens_prompts(scored), params, use_tqdm=False) if scored else []
+        outputs = (self.llm.generate(self._tokens_prompts(scored), params, use_tqdm=False)
+                   if scored or self.lockstep else [])
         by_prompt = iter(outputs)
         out: list[list[float]] = []
         for ids in token_ids:

@@ -58,7 +58,7 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -192,6 +192,26 @@ def llm_kwargs(*, model_path: str, dtype: str, seed: int, gpu_memory_utilization
     return kwargs
 
 
+def external_launcher_kwargs(tensor_parallel_size: int, data_parallel_size: int) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(...)` on every rank of a torchrun world (engines/ranked.py).
+
+    distributed_executor_backend='external_launcher' (vllm/v1/executor/uniproc_executor.py,
+    ExecutorWithExternalLauncher): one worker in this process, which joins the torch.distributed
+    world torchrun's ranks already initialised (parallel_state.init_distributed_environment
+    skips init_process_group when one exists) and builds its tensor-/data-parallel groups from
+    it. vLLM's world is tensor x data parallel (config/parallel.py), so it must equal the
+    torchrun world: data_parallel_size = world / tensor_parallel_size, and vLLM sets each
+    rank's data-parallel rank to RANK // tensor_parallel_size. With data parallelism the
+    engines all-reduce 'unfinished requests' every step (v1/engine/llm_engine.py,
+    has_unfinished_requests_dp): every rank calls generate together, an idle one runs dummy
+    batches. V1 multiprocessing must be off (the executor asserts it)."""
+    kwargs: dict[str, Any] = dict(distributed_executor_backend="external_launcher",
+                                  tensor_parallel_size=tensor_parallel_size)
+    if data_parallel_size > 1:
+        kwargs["data_parallel_size"] = data_parallel_size
+    return kwargs
+
+
 def sampling_kwargs(*, n: int, temperature: float, top_p: float, max_tokens: int, seed: int | None,
                     stop_token_ids: list[int], prompt_logprobs: int | None = None) -> dict[str, Any]:
     """Keyword arguments for `vllm.SamplingParams(...)`; names are the same in every version."""
@@ -213,6 +233,15 @@ def wake_up(llm: Any, tags: list[str]) -> None:
     if unknown:
         raise ValueError(f"unknown wake_up tags {sorted(unknown)}; vLLM accepts {list(WAKE_TAGS)}")
     llm.wake_up(tags=list(tags))  # returns None (0.26) or bool (0.33+): state is tracked by dreamd
+
+
+def shutdown(llm: Any) -> None:
+    """End the in-process engine core now (idempotent: its exit hook is detached). vLLM's
+    cleanup destroys the torch.distributed groups it built AND the default one (parallel_state.
+    cleanup_dist_env_and_memory): under torchrun's external_launcher the world ends with it, so
+    a rank calls this last, instead of its own destroy_process_group (which left vLLM's exit
+    hook destroying groups that no longer exist: 'Invalid process group specified')."""
+    llm.llm_engine.engine_core.shutdown()
 
 
 def reset_prefix_cache(llm: Any) -> bool:
@@ -259,20 +288,44 @@ def _refresh_tied_head(model: Any) -> None:
         method.process_weights_after_loading(head)
 
 
-def push_in_worker(worker: Any, weights: list[tuple[str, torch.Tensor]], tied: bool,
-                   layerwise: bool) -> PushReport:
-    """Runs inside vLLM's worker (via collective_rpc): write `weights`, then check the result."""
+_PUSH_STATE = "_dreamd_push"
+"""The worker attribute holding one push in progress (push_begin .. push_end)."""
+
+
+def push_begin(worker: Any, layerwise: bool) -> None:
+    """Runs inside vLLM's worker (via collective_rpc): open a push. With the layerwise bracket
+    vLLM buffers each layer's tensors until the layer is whole and processes it then, so a push
+    may arrive one tensor at a time (from FSDP2 shards: train/distributed.py)."""
     model = _served_model(worker)
     bracket = _layerwise_reload() if layerwise else None
-    with torch.no_grad():
-        if bracket is not None:
+    if bracket is not None:
+        with torch.no_grad():
             bracket[0](model)  # initialize: parameters back in checkpoint format (their names)
-        expected = {name for name, _ in model.named_parameters()}
-        loaded = set(model.load_weights(iter(weights)))
+    state = {"bracket": bracket, "expected": {name for name, _ in model.named_parameters()},
+             "loaded": set(), "sent": 0}
+    setattr(worker, _PUSH_STATE, state)
+
+
+def push_chunk(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside vLLM's worker: write some of the push's tensors."""
+    state = getattr(worker, _PUSH_STATE)
+    with torch.no_grad():
+        state["loaded"] |= set(_served_model(worker).load_weights(iter(weights)))
+    state["sent"] += len(weights)
+
+
+def push_end(worker: Any, tied: bool) -> PushReport:
+    """Runs inside vLLM's worker: close the push, then check the result."""
+    state = getattr(worker, _PUSH_STATE)
+    delattr(worker, _PUSH_STATE)
+    model = _served_model(worker)
+    bracket = state["bracket"]
+    with torch.no_grad():
         if bracket is not None:
             bracket[1](model, worker.model_config)  # finalize: re-run each layer's processing
         if tied:
             _refresh_tied_head(model)
+    expected, loaded = state["expected"], state["loaded"]
     # A tied lm_head is the embedding: vLLM skips 'lm_head.*' on load, by design.
     skipped = {n for n in expected if n.endswith("lm_head.weight")} if tied else set()
     missing = sorted(expected - loaded - skipped)
@@ -280,15 +333,31 @@ def push_in_worker(worker: Any, weights: list[tuple[str, torch.Tensor]], tied: b
     heads = [n for n in every if n.endswith("lm_head.weight")]
     embeds = [n for n in every if n.endswith("embed_tokens.weight")]
     tie_ok = all((every[h] is every[e]) == tied for h, e in zip(heads, embeds))
-    return PushReport(sent=len(weights), loaded=len(loaded), missing=tuple(missing), tie_ok=tie_ok,
+    return PushReport(sent=state["sent"], loaded=len(loaded), missing=tuple(missing), tie_ok=tie_ok,
                       reload="in_place" if bracket is None else "layerwise")
 
 
-def push_weights(api: VllmApi, llm: Any, weights: list[tuple[str, torch.Tensor]], tied: bool) -> PushReport:
-    """Push `weights` (HF names) into the served model of the single in-process worker.
-    Never `collective_rpc("reload_weights")` without weights: that re-reads the checkpoint on
-    disk and silently undoes the training."""
-    return llm.collective_rpc(push_in_worker, args=(weights, tied, api.layerwise_reload))[0]
+def push_weights(api: VllmApi, llm: Any, chunks: Iterable[list[tuple[str, torch.Tensor]]],
+                 tied: bool) -> PushReport:
+    """Push the tensors of `chunks` (HF names; the whole model in one chunk, or one tensor per
+    chunk as FSDP2 gathers them) into the served model of this process's one worker (under
+    torchrun's external_launcher too: collective_rpc stays in this rank). Never
+    `collective_rpc("reload_weights")` without weights: that re-reads the checkpoint on disk and
+    silently undoes the training."""
+    if isinstance(chunks, list) and len(chunks) == 1:    # the whole model at once: one call
+        return llm.collective_rpc(push_in_worker, args=(chunks[0], tied, api.layerwise_reload))[0]
+    llm.collective_rpc(push_begin, args=(api.layerwise_reload,))
+    for chunk in chunks:
+        llm.collective_rpc(push_chunk, args=(chunk,))
+    return llm.collective_rpc(push_end, args=(tied,))[0]
+
+
+def push_in_worker(worker: Any, weights: list[tuple[str, torch.Tensor]], tied: bool,
+                   layerwise: bool) -> PushReport:
+    """Runs inside vLLM's worker: a whole push in one call (begin, one chunk, end)."""
+    push_begin(worker, layerwise)
+    push_chunk(worker, weights)
+    return push_end(worker, tied)
 
 
 def prompt_token_logprob(position: Any, token_id: int) -> float:

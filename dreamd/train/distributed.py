@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -305,12 +305,21 @@ class ShardedTrainer(Trainer):
 
     def sync_serving(self) -> None:
         """Every rank: gather each parameter; rank 0 copies it into its serving model (the one
-        the engine, the evals and the HF export use)."""
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                full = p.full_tensor()
-                if self.serving is not None:
+        the evals and the HF export use, and the transformers engine serves)."""
+        for name, full in self.full_tensors():
+            if self.serving is not None:
+                with torch.no_grad():
                     self.serving.get_parameter(name).copy_(full)
+
+    def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every rank: (name, whole tensor) per parameter, each gathered from the shards (a
+        collective all ranks join, so every rank iterates to the end) and dropped before the
+        next: one full parameter alive at a time."""
+        for name, p in self.model.named_parameters():
+            with torch.no_grad():    # not around the yield: the caller's grad mode stays its own
+                full = p.full_tensor()
+            yield name, full
+            del full
 
     def clip_grads(self) -> float:
         grads = [p for p in self.opt_params.values() if p.grad is not None]
@@ -373,16 +382,28 @@ def finish(world: World | None) -> None:
         broadcast(("exit",), world)
 
 
-def follow(trainer: ShardedTrainer) -> int:
-    """Ranks 1..: train, save, load and reset in step with rank 0 until it says exit. Only rank
-    0 dreams, evaluates and writes the store (docs/sql.md)."""
+def follow(trainer: ShardedTrainer, engine_side: Callable[[ShardedTrainer], Any] | None = None) -> int:
+    """Ranks 1..: train, save, load and reset in step with rank 0 until it says exit; with
+    vLLM, run rank 0's engine calls on this rank's own engine: `engine_side(trainer)` builds
+    its side at the first call (engines/ranked.py RankSide; passed in by cli.py, so that
+    train/ does not import engines/). Only rank 0 dreams, evaluates and writes the store
+    (docs/sql.md)."""
+    side = None
     while True:
         message = broadcast(None, trainer.world)
         op = message[0]
         if op == "exit":
+            if side is not None:
+                side.close()      # this rank's vLLM; it ends torch.distributed with it
             return 0
         try:
-            if op == "train":
+            if op == "engine":
+                if side is None:
+                    if engine_side is None:
+                        raise RuntimeError(f"rank {trainer.world.rank}: an engine call from rank 0, and no engine here")
+                    side = engine_side(trainer)
+                side.follow(message[1], message[2])
+            elif op == "train":
                 trainer.set_lr(message[2])
                 for _ in trainer.pass_in_step(message[1]):
                     pass
@@ -407,8 +428,9 @@ def open_sharded_trainer(cfg: Any, world: World, device: str, serving: nn.Module
     return ShardedTrainer(model, cfg.train, cfg.optimizer, world=world, seed=cfg.run.seed, serving=serving)
 
 
-def run_follower(cfg: Any, world: World) -> int:
-    """`dreamd run` on ranks 1..: no store, no engine, no daemon; the training shards only."""
+def run_follower(cfg: Any, world: World, engine_side: Callable[[ShardedTrainer], Any] | None = None) -> int:
+    """`dreamd run` on ranks 1..: no store, no daemon; the training shards, and with vLLM this
+    rank's own engine, built and driven by rank 0's calls (engines/ranked.py)."""
     from dreamd.models import apply_threads, resolve_device
 
     # A stop (systemctl stop, Ctrl-C: torchrun passes SIGTERM/SIGINT to every rank) is rank 0's
@@ -420,6 +442,7 @@ def run_follower(cfg: Any, world: World) -> int:
     device = init_world(world, resolve_device(cfg.run.device))
     torch.manual_seed(cfg.run.seed)
     try:
-        return follow(open_sharded_trainer(cfg, world, device, serving=None))
+        return follow(open_sharded_trainer(cfg, world, device, serving=None), engine_side)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
