@@ -1,13 +1,15 @@
 """Per-step store cost: Store.add_train_step against a plain driver insert of the same rows.
 
-    .venv/bin/python benchmarks/store_step.py                 # SQLite
-    .venv/bin/python benchmarks/store_step.py --pg URL        # and PostgreSQL (an empty database is made)
+    .venv/bin/python benchmarks/store_step.py                       # SQLite
+    .venv/bin/python benchmarks/store_step.py --pg URL              # and PostgreSQL (an empty database is made)
+    .venv/bin/python benchmarks/store_step.py --pg URL --methods    # and each way of writing them on PostgreSQL
 
 Each optimizer step writes one train_steps row and one step_examples row per example of its
-batch, in one transaction (nothing of a step is lost on a crash). The baseline does exactly that
-with the bare driver (sqlite3 / psycopg), same file or server, same rows, same one transaction
-per step. Measured interleaved (A, B, A, B, ...) in one process, one thread, so a busy box slows
-both alike; printed: median microseconds per step and the ratio (median [min, max] over rounds).
+batch, in one transaction (the step and its examples, or neither). The baseline does exactly
+that with the bare driver (sqlite3 / psycopg), same file or server, same rows, the same way
+(PostgreSQL: one statement, asynchronous commit; see Store.add_train_step). Measured
+interleaved (A, B, A, B, ...) in one process, one thread, so a busy box slows both alike;
+printed: median microseconds per step and the ratio (median [min, max] over rounds).
 """
 
 from __future__ import annotations
@@ -59,24 +61,64 @@ def plain_sqlite(path: Path):
     return write
 
 
-def plain_pg(url: str):
+def _pg_connect(url: str, autocommit: bool = False):
     import psycopg
     from sqlalchemy.engine import make_url
 
     u = make_url(url)
-    conn = psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, password=u.password,
-                           dbname=u.database, autocommit=False)
-    cols = ["run_id", "cycle_id", "step", "status", *METRICS]
-    sql = f"INSERT INTO train_steps ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) RETURNING id"
+    return psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, password=u.password,
+                           dbname=u.database, autocommit=autocommit)
 
-    def write(run_id: int, cycle_id: int, step: int, ids: list[int]) -> None:
-        with conn.cursor() as cur:
-            cur.execute(sql, [run_id, cycle_id, step, "superseded", *METRICS.values()])
-            step_id = cur.fetchone()[0]
-            cur.executemany("INSERT INTO step_examples (step_id, scenario_id) VALUES (%s, %s)",
-                            [(step_id, i) for i in ids])
-        conn.commit()
-    return write
+
+_PG_COLS = ["run_id", "cycle_id", "step", "status", *METRICS]
+_PG_STEP = (f"INSERT INTO train_steps ({', '.join(_PG_COLS)}) VALUES ({', '.join(['%s'] * len(_PG_COLS))}) "
+            "RETURNING id")
+_PG_ONE = (f"WITH s AS ({_PG_STEP}), e AS (INSERT INTO step_examples (step_id, scenario_id) "
+           "SELECT s.id, unnest(%s::int[]) FROM s) SELECT id FROM s")
+
+
+_PG_NOW = (f"WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)), s AS ({_PG_STEP}), "
+           "e AS (INSERT INTO step_examples (step_id, scenario_id) SELECT s.id, unnest(%s::int[]) FROM s) "
+           "SELECT id FROM s, async_commit")
+
+
+def pg_methods(url: str) -> dict:
+    """The ways of writing one step's rows measured by --methods, bare psycopg, one transaction
+    per step each: 'two statements, sync' is what add_train_step did before (BEGIN, step row,
+    its examples, synchronous COMMIT); (a) asynchronous commit for the transaction (SET LOCAL
+    synchronous_commit = off); (b) one statement (data-modifying CTEs); (a)+(b) both, and both
+    in one round trip (autocommit, set_config in the statement): what add_train_step does now."""
+    conn, auto = _pg_connect(url), _pg_connect(url, autocommit=True)
+
+    def write(async_commit: bool, one_statement: bool):
+        def step_rows(run_id: int, cycle_id: int, step: int, ids: list[int]) -> None:
+            values = [run_id, cycle_id, step, "superseded", *METRICS.values()]
+            with conn.cursor() as cur:
+                if async_commit:
+                    cur.execute("SET LOCAL synchronous_commit = off")
+                if one_statement:
+                    cur.execute(_PG_ONE, [*values, ids])
+                else:
+                    cur.execute(_PG_STEP, values)
+                    step_id = cur.fetchone()[0]
+                    cur.executemany("INSERT INTO step_examples (step_id, scenario_id) VALUES (%s, %s)",
+                                    [(step_id, i) for i in ids])
+            conn.commit()
+        return step_rows
+
+    def one_round_trip(run_id: int, cycle_id: int, step: int, ids: list[int]) -> None:
+        auto.execute(_PG_NOW, [run_id, cycle_id, step, "superseded", *METRICS.values(), ids]).fetchone()
+
+    return {"two statements, sync commit (before)": write(False, False),
+            "(a) two statements, async commit": write(True, False),
+            "(b) one statement, sync commit": write(False, True),
+            "(a)+(b) SET LOCAL, one statement, async commit": write(True, True),
+            "(a)+(b) in one round trip (now)": one_round_trip}
+
+
+def plain_pg(url: str):
+    """The bare-driver baseline: what add_train_step does on PostgreSQL, with psycopg alone."""
+    return pg_methods(url)["(a)+(b) in one round trip (now)"]
 
 
 def measure(url: str, plain, rounds: int = ROUNDS, steps: int = STEPS_PER_ROUND) -> dict[str, list[float]]:
@@ -106,6 +148,34 @@ def print_row(name: str, m: dict[str, list[float]], step_s: float) -> None:
     print(f"| {name} | {statistics.median(ours) * 1e6:.0f} | {statistics.median(base) * 1e6:.0f} | "
           f"{statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}] | "
           f"{100 * statistics.median(ours) / step_s:.2f}% |")
+
+
+def measure_methods(url: str, rounds: int = ROUNDS, steps: int = STEPS_PER_ROUND) -> dict[str, list[float]]:
+    """Seconds per step of each of pg_methods and of Store.add_train_step, interleaved round by
+    round (one process, one thread: a busy box slows all alike)."""
+    store, run_id, cycle_id, ids = setup(url)
+    methods = {**pg_methods(url), "Store.add_train_step": lambda r, c, s, i: store.add_train_step(r, c, s, METRICS, i)}
+    out: dict[str, list[float]] = {name: [] for name in methods}
+    step = 0
+    for _ in range(rounds):
+        for name, write in methods.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                write(run_id, cycle_id, step, ids)
+                step += 1
+            out[name].append((time.perf_counter() - t0) / steps)
+    store.close()
+    return out
+
+
+def print_methods(m: dict[str, list[float]], step_s: float) -> None:
+    before = m["two statements, sync commit (before)"]
+    print("| PostgreSQL, one step's rows | us/step | ratio to before, median [min, max] | share of a demo step |")
+    print("|---|---:|---:|---:|")
+    for name, secs in m.items():
+        ratios = [a / b for a, b in zip(secs, before)]
+        print(f"| {name} | {statistics.median(secs) * 1e6:.0f} | {statistics.median(ratios):.2f} "
+              f"[{min(ratios):.2f}, {max(ratios):.2f}] | {100 * statistics.median(secs) / step_s:.2f}% |")
 
 
 def demo_training(root: Path, hidden: int = 64, n_batches: int = 8):
@@ -172,6 +242,8 @@ def main() -> None:
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pg", help="admin URL of a PostgreSQL server (a database is created and dropped)")
+    parser.add_argument("--methods", action="store_true",
+                        help="with --pg: also time each way of writing the rows (pg_methods)")
     args = parser.parse_args()
     step_s = demo_step_seconds()
     print(f"{STEPS_PER_ROUND} steps x {ROUNDS} rounds, batch {BATCH}, 1 thread; a demo optimizer step "
@@ -184,6 +256,10 @@ def main() -> None:
     if args.pg:
         with scratch_database(args.pg) as url:
             print_row("PostgreSQL", measure(url, plain_pg(url)), step_s)
+        if args.methods:
+            print()
+            with scratch_database(args.pg) as url:
+                print_methods(measure_methods(url), step_s)
 
 
 if __name__ == "__main__":
