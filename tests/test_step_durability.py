@@ -8,12 +8,16 @@ in order). Every train pass writes its 'train' phases row synchronously before a
 be saved, so a checkpoint never holds a step whose row a crash could lose.
 
 The server-crash tests run a PostgreSQL of their own (tests/test_faults.py private_pg) with
-wal_writer_delay = 10 s and autovacuum off, so an asynchronous commit really stays unflushed
-until `pg_ctl stop -m immediate` (a crash: no shutdown checkpoint, WAL buffers dropped).
+wal_writer_delay = 10 s and autovacuum off, so an asynchronous commit stays in the server's WAL
+buffers (and unflushed) until something else writes or flushes them. `pg_ctl stop -m immediate`
+is the crash: no shutdown checkpoint, the WAL buffers dropped. WAL the server already wrote
+but did not flush survives that (the OS keeps it), unlike a power loss, so the flush before a
+checkpoint is checked by WAL position (test_pg_steps_are_flushed_to_disk_before_...).
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -146,6 +150,73 @@ def test_sigkill_mid_train_then_restart_keeps_every_step_up_to_the_checkpoint(se
     assert all(r["n"] == 1 for r in per_step if r["step"] < held), per_step
 
 
+# Two cycles in a child process on PostgreSQL (the second stopped by SIGTERM's path after its
+# first step, so both ways a checkpoint is saved run): after every add_train_step it notes the
+# server's WAL insert position (at or past that step's commit), and when CheckpointDir.save
+# starts, how far the WAL is flushed to disk. argv: config, store url, output json.
+WAL_AT_SAVES = r"""
+import json, sys
+from sqlalchemy import create_engine, text
+from dreamd.config_file import load_config
+from dreamd.cycle import run_cycle
+from dreamd.log import setup_logging
+from dreamd.run import RunHooks, open_run
+from dreamd.store.record import Store
+from dreamd.train.checkpoint import CheckpointDir
+
+config, url, out = sys.argv[1:4]
+probe = create_engine(url, isolation_level="AUTOCOMMIT")
+seen = {"step": None, "saves": []}
+
+def lsn(which):
+    with probe.connect() as conn:
+        return conn.execute(text(f"SELECT (pg_current_wal_{which}_lsn() - '0/0')::bigint")).scalar()
+
+add_train_step, save = Store.add_train_step, CheckpointDir.save
+
+def noting(self, *args, **kwargs):
+    step_id = add_train_step(self, *args, **kwargs)
+    seen["step"] = lsn("insert")
+    return step_id
+
+def saving(self, *args, **kwargs):
+    seen["saves"].append({"last_step_at": seen["step"], "flushed_to": lsn("flush")})
+    return save(self, *args, **kwargs)
+
+Store.add_train_step, CheckpointDir.save = noting, saving
+setup_logging()
+hooks = RunHooks()
+parts, state = open_run(load_config(config), hooks)
+run_cycle(parts, state)
+hooks.should_stop = lambda: parts.trainer.step >= 3          # cycle 2 stops after one step
+run_cycle(parts, state)
+json.dump(seen, open(out, "w"))
+"""
+
+
+@pytest.mark.parametrize("private_pg", [ASYNC_WAL], indirect=True)
+@pytest.mark.slow
+def test_pg_steps_are_flushed_to_disk_before_their_checkpoint_is_saved(setup_dir, tmp_path, private_pg):
+    """The guarantee itself: when a checkpoint's save starts (a committed cycle's, and a
+    stopped one's), the server's WAL is flushed to disk past the commit of the last step it
+    will hold, though each step was committed asynchronously: the synchronous commits between
+    (the train pass's phases row) did it. With every commit asynchronous (server-wide
+    synchronous_commit = off) this fails: the steps would sit in the OS cache at the save."""
+    url, _ = private_pg
+    state = tmp_path / "state"
+    config = write_config(setup_dir, tmp_path / "dreamd.toml", state, store__url=url)    # 2 steps a cycle
+    out = tmp_path / "wal.json"
+    done = subprocess.run([sys.executable, "-c", WAL_AT_SAVES, str(config), url, str(out)],
+                          env=child_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saves = json.loads(out.read_text())["saves"]
+    assert len(saves) == 2, saves
+    assert all(s["last_step_at"] is not None and s["flushed_to"] >= s["last_step_at"] for s in saves), saves
+    steps = store_rows(url, "SELECT t.step, c.status FROM train_steps t JOIN cycles c ON c.id = t.cycle_id "
+                            "ORDER BY t.step")
+    assert [(r["step"], r["status"]) for r in steps] == [(0, "committed"), (1, "committed"), (2, "stopped")]
+
+
 # Runs one cycle in a child process that stops inside the named Store call (touching a marker
 # file, then sleeping), so the test can crash the server and SIGKILL the child at that point:
 # what a host losing power does to both. argv: config, method, marker.
@@ -176,10 +247,10 @@ raise SystemExit("the hold point was never reached")
 @pytest.mark.slow
 def test_pg_host_crash_after_a_checkpoint_is_saved_keeps_the_steps_it_holds(setup_dir, tmp_path, daemons,
                                                                             private_pg):
-    """The server and the daemon die together (power loss) after cycle 1's checkpoint is
-    renamed into place, before its row: the steps it holds were committed asynchronously, but
-    the train pass's synchronous phases row came after them, so they are on disk. A restart
-    adds the checkpoint's row, resumes from it and finishes cycle 2: steps 0..3 once each."""
+    """The server crashes and the daemon dies with it (a host going down) after cycle 1's
+    checkpoint is renamed into place, before its row: the steps it holds are there (their flush
+    is checked above by WAL position), the checkpoint's row is not. A restart adds the row,
+    resumes from the checkpoint and finishes cycle 2: steps 0..3 once each."""
     url, ctl = private_pg
     state = tmp_path / "state"
     config = write_config(setup_dir, tmp_path / "dreamd.toml", state, store__url=url)    # 2 steps a cycle
