@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/store_step.py                       # SQLite
     .venv/bin/python benchmarks/store_step.py --pg URL              # and PostgreSQL (an empty database is made)
     .venv/bin/python benchmarks/store_step.py --pg URL --methods    # and each way of writing them on PostgreSQL
+    .venv/bin/python benchmarks/store_step.py --pg URL --methods --before REV   # and against the Store of git REV
 
 Each optimizer step writes one train_steps row and one step_examples row per example of its
 batch, in one transaction (the step and its examples, or neither). The baseline does exactly
@@ -121,10 +122,11 @@ def plain_pg(url: str):
     return pg_methods(url)["(a)+(b) in one round trip (now)"]
 
 
-def measure(url: str, plain, rounds: int = ROUNDS, steps: int = STEPS_PER_ROUND) -> dict[str, list[float]]:
+def measure(url: str, plain, rounds: int = ROUNDS, steps: int = STEPS_PER_ROUND,
+            opened: tuple[Store, int, int, list[int]] | None = None) -> dict[str, list[float]]:
     """Seconds per step of Store.add_train_step ('ours') and of `plain` ('base'), alternated
-    round by round, and their ratio per round."""
-    store, run_id, cycle_id, ids = setup(url)
+    round by round, and their ratio per round. `opened`: setup(url) done already."""
+    store, run_id, cycle_id, ids = opened or setup(url)
     step = 0
     out: dict[str, list[float]] = {"ours": [], "base": [], "ratio": []}
     for _ in range(rounds):
@@ -150,11 +152,34 @@ def print_row(name: str, m: dict[str, list[float]], step_s: float) -> None:
           f"{100 * statistics.median(ours) / step_s:.2f}% |")
 
 
-def measure_methods(url: str, rounds: int = ROUNDS, steps: int = STEPS_PER_ROUND) -> dict[str, list[float]]:
-    """Seconds per step of each of pg_methods and of Store.add_train_step, interleaved round by
-    round (one process, one thread: a busy box slows all alike)."""
+def store_at(rev: str) -> type[Store]:
+    """Store as it was at git revision `rev`: its dreamd/store/record.py loaded beside today's
+    package (the rest of the store must not have changed since), for a before/after in one run."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "show", f"{rev}:dreamd/store/record.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "record_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("record_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Store
+
+
+def measure_methods(url: str, before: str | None = None, rounds: int = ROUNDS,
+                    steps: int = STEPS_PER_ROUND) -> dict[str, list[float]]:
+    """Seconds per step of each of pg_methods and of Store.add_train_step (and of the Store at
+    git revision `before`), interleaved round by round (one process, one thread: a busy box
+    slows all alike)."""
     store, run_id, cycle_id, ids = setup(url)
     methods = {**pg_methods(url), "Store.add_train_step": lambda r, c, s, i: store.add_train_step(r, c, s, METRICS, i)}
+    if before:
+        old = store_at(before).open(url)
+        methods[f"Store.add_train_step at {before}"] = lambda r, c, s, i: old.add_train_step(r, c, s, METRICS, i)
     out: dict[str, list[float]] = {name: [] for name in methods}
     step = 0
     for _ in range(rounds):
@@ -166,6 +191,18 @@ def measure_methods(url: str, rounds: int = ROUNDS, steps: int = STEPS_PER_ROUND
             out[name].append((time.perf_counter() - t0) / steps)
     store.close()
     return out
+
+
+def measure_before(url: str, before: str, rounds: int = ROUNDS, steps: int = STEPS_PER_ROUND) -> dict[str, list[float]]:
+    """Store.add_train_step now ('ours') against the Store of git revision `before` ('base'),
+    alternated round by round on one store."""
+    store, run_id, cycle_id, ids = setup(url)
+    old = store_at(before).open(url)
+    try:
+        return measure(url, lambda r, c, s, i: old.add_train_step(r, c, s, METRICS, i), rounds, steps,
+                       opened=(store, run_id, cycle_id, ids))
+    finally:
+        old.close()
 
 
 def print_methods(m: dict[str, list[float]], step_s: float) -> None:
@@ -244,6 +281,9 @@ def main() -> None:
     parser.add_argument("--pg", help="admin URL of a PostgreSQL server (a database is created and dropped)")
     parser.add_argument("--methods", action="store_true",
                         help="with --pg: also time each way of writing the rows (pg_methods)")
+    parser.add_argument("--before", metavar="REV",
+                        help="also time Store.add_train_step against itself as it was at git revision REV "
+                             "(the 'plain driver' column is then that Store)")
     args = parser.parse_args()
     step_s = demo_step_seconds()
     print(f"{STEPS_PER_ROUND} steps x {ROUNDS} rounds, batch {BATCH}, 1 thread; a demo optimizer step "
@@ -253,13 +293,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.sqlite"
         print_row("SQLite (WAL)", measure(f"sqlite:///{path}", plain_sqlite(path)), step_s)
+        if args.before:
+            print_row(f"SQLite (WAL): now / at {args.before}", measure_before(f"sqlite:///{path}", args.before), step_s)
     if args.pg:
         with scratch_database(args.pg) as url:
             print_row("PostgreSQL", measure(url, plain_pg(url)), step_s)
+            if args.before:
+                print_row(f"PostgreSQL: now / at {args.before}", measure_before(url, args.before), step_s)
         if args.methods:
             print()
             with scratch_database(args.pg) as url:
-                print_methods(measure_methods(url), step_s)
+                print_methods(measure_methods(url, args.before), step_s)
 
 
 if __name__ == "__main__":
