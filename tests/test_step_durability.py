@@ -85,6 +85,28 @@ def test_pg_step_connection_broken_between_steps_is_replaced(pg_url):
     assert [(r["step"], r["status"], r["examples"]) for r in rows] == [(s, "active", 4) for s in range(3)], rows
 
 
+def test_pg_step_connection_idle_between_cycles_is_checked_before_use(pg_url, monkeypatch):
+    """Idle longer than STEP_CONNECTION_IDLE_S (the daemon slept between cycles), the step
+    connection goes back to the pool, whose checkout pings it: a backend dropped meanwhile costs
+    no failed call, even with no retries."""
+    from dreamd.store import record
+
+    monkeypatch.setattr(record, "STEP_CONNECTION_IDLE_S", 0.0)
+    store, run_id, cycle_id, ids = new_run(pg_url)
+    killer = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        store.add_train_step(run_id, cycle_id, 0, METRICS, ids)
+        with killer.connect() as conn:
+            assert conn.execute(text("SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                                     "datname = current_database() AND pid != pg_backend_pid()")).scalar() >= 1
+        time.sleep(0.01)
+        store.add_train_step(run_id, cycle_id, 1, METRICS, ids)          # transient_retries is 0
+    finally:
+        store.close()
+        killer.dispose()
+    assert [r["step"] for r in store_rows(pg_url, STEPS)] == [0, 1]
+
+
 @pytest.mark.parametrize("private_pg", [ASYNC_WAL], indirect=True)
 def test_pg_server_crash_loses_only_the_steps_after_the_last_synchronous_commit(private_pg):
     """Steps 0-3, a synchronous commit (a phases row, as every train pass ends with), steps

@@ -63,8 +63,9 @@ def _pg_step_insert() -> Any:
     """PostgreSQL: a step's rows in ONE statement, run as its own transaction (autocommit): the
     train_steps row, its step_examples rows (data-modifying CTEs) and, for that transaction
     only, asynchronous commit (set_config(..., is_local => true)); returns the step id. One
-    round trip instead of five (BEGIN, SET, two INSERTs, COMMIT). Every metric column is bound
-    (absent optional ones as _STEP_DEFAULTS), so it compiles once."""
+    round trip on the held connection, where there were five (the pool's pre-ping, BEGIN, two
+    INSERTs, COMMIT). Every metric column is bound (absent optional ones as _STEP_DEFAULTS),
+    so it compiles once."""
     cols = ("run_id", "cycle_id", "step", *STEP_REQUIRED, *STEP_OPTIONAL)
     async_commit = select(func.set_config("synchronous_commit", "off", true()).label("value")).cte("async_commit")
     step = insert(TrainStep).values({c: bindparam(c) for c in cols}).returning(TrainStep.id).cte("step")
@@ -259,8 +260,9 @@ class Store(ScenarioRecords):
         return self._steps
 
     def _drop_step_connection(self) -> None:
-        """After an error: really close it (it may be broken: a server restart, a terminated
-        backend), so the next add_train_step, or its retry, opens a fresh one."""
+        """After an error, and at close(): really close it (after an error it may be broken: a
+        server restart, a terminated backend), so the next add_train_step, or its retry, opens
+        a fresh one."""
         conn, self._steps = self._steps, None
         if conn is not None:
             with suppress(Exception):
@@ -268,9 +270,7 @@ class Store(ScenarioRecords):
                 conn.close()
 
     def close(self) -> None:
-        if self._steps is not None:
-            self._steps.close()
-            self._steps = None
+        self._drop_step_connection()
         super().close()
 
     def supersede_after(self, run_id: int, step: int) -> Superseded:
