@@ -27,8 +27,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Integer, bindparam, func, insert, or_, select, text, true, update
+from sqlalchemy import Connection, Integer, bindparam, func, insert, literal_column, or_, select, text, true, update
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError
 
 import dreamd
 from dreamd.store.db import retry_transient
@@ -59,26 +60,43 @@ _STEP_INSERT = insert(TrainStep).returning(TrainStep.id)
 _EXAMPLE_INSERT = insert(StepExample)
 
 
-def _pg_step_insert() -> Any:
+def _pg_step_sql() -> str:
     """PostgreSQL: a step's rows in ONE statement, run as its own transaction (autocommit): the
     train_steps row, its step_examples rows (data-modifying CTEs) and, for that transaction
-    only, asynchronous commit (set_config(..., is_local => true)); returns the step id. One
-    round trip on the held connection, where there were five (the pool's pre-ping, BEGIN, two
-    INSERTs, COMMIT). Every metric column is bound (absent optional ones as _STEP_DEFAULTS),
-    so it compiles once."""
-    cols = ("run_id", "cycle_id", "step", *STEP_REQUIRED, *STEP_OPTIONAL)
-    async_commit = select(func.set_config("synchronous_commit", "off", true()).label("value")).cte("async_commit")
+    only, asynchronous commit (set_config(..., is_local => true)); returns the step id. Built
+    with Core from the tables and compiled once to psycopg's SQL text (%(name)s parameters,
+    every column bound): add_train_step runs it on the driver connection itself, as SQLAlchemy's
+    execution layer cost as much again as the driver. One round trip on the held connection,
+    where there were five (the pool's pre-ping, BEGIN, two INSERTs, COMMIT)."""
+    from sqlalchemy.dialects.postgresql.psycopg import dialect
+
+    cols = ("run_id", "cycle_id", "step", "status", "created_at", *STEP_REQUIRED, *STEP_OPTIONAL)
+    setting = func.set_config(literal_column("'synchronous_commit'"), literal_column("'off'"), true())
+    async_commit = select(setting.label("value")).cte("async_commit")
     step = insert(TrainStep).values({c: bindparam(c) for c in cols}).returning(TrainStep.id).cte("step")
     examples = insert(StepExample).from_select(
         ["step_id", "scenario_id"],
         select(step.c.id, func.unnest(bindparam("scenario_ids", type_=ARRAY(Integer))))).cte("examples")
-    return select(step.c.id).select_from(step.join(async_commit, true())).add_cte(examples)
+    query = select(step.c.id).select_from(step.join(async_commit, true())).add_cte(examples)
+    return str(query.compile(dialect=dialect()))
 
 
-_PG_STEP_INSERT = _pg_step_insert()
+_PG_STEP_SQL = _pg_step_sql()
 STEP_CONNECTION_IDLE_S = 30.0
 """add_train_step keeps its connection while steps come at least this often (_step_connection)."""
-_STEP_DEFAULTS = {**dict.fromkeys(STEP_OPTIONAL), "skipped": False}
+_STEP_DEFAULTS = {**dict.fromkeys(STEP_OPTIONAL), "skipped": False, "status": "active"}
+
+
+def _pg_execute(conn: Connection, params: dict[str, Any]) -> int:
+    """_PG_STEP_SQL on `conn`'s psycopg connection; a driver error is raised as SQLAlchemy's
+    (OperationalError, IntegrityError, ...), as every other store call raises it, so retries
+    and the one-line store failure see no difference."""
+    import psycopg
+
+    try:
+        return conn.connection.driver_connection.execute(_PG_STEP_SQL, params).fetchone()[0]
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(_PG_STEP_SQL, params, exc, psycopg.Error) from None
 
 
 class Superseded(NamedTuple):
@@ -224,18 +242,18 @@ class Store(ScenarioRecords):
         row = {"run_id": run_id, "cycle_id": cycle_id, "step": step, **metrics}
         conn = self._step_connection()
         try:
+            if self.dialect == "postgresql":
+                # One statement, its own transaction (autocommit), committed asynchronously: the
+                # server answers once it has the rows, without waiting for their WAL flush (the
+                # fsync wait was up to 73% of the cost). The daemon dying loses nothing; only a server
+                # crash can lose the step rows of its last ~0.6 s (3 x wal_writer_delay), and
+                # any later synchronous commit makes them durable too (WAL is flushed in order).
+                # Every train pass writes its 'train' phases row, synchronously, before a
+                # checkpoint can be saved, so the steps a checkpoint holds are on disk before it
+                # is (docs/sql.md "train_steps").
+                return _pg_execute(conn, {**_STEP_DEFAULTS, **row, "created_at": utcnow(),
+                                          "scenario_ids": list(scenario_ids)})
             with conn.begin():
-                if self.dialect == "postgresql":
-                    # One statement, its own transaction (autocommit), committed asynchronously:
-                    # the server answers once it has the rows, without waiting for their WAL
-                    # flush (the fsync was over half the cost). The daemon dying loses nothing;
-                    # only a server crash can lose the step rows of its last ~0.6 s (3 x
-                    # wal_writer_delay), and any later synchronous commit makes them durable too
-                    # (WAL is flushed in order). Every train pass writes its 'train' phases row,
-                    # synchronously, before a checkpoint can be saved, so the steps a checkpoint
-                    # holds are on disk before it is (docs/sql.md "train_steps").
-                    return conn.execute(_PG_STEP_INSERT, {**_STEP_DEFAULTS, **row,
-                                                          "scenario_ids": list(scenario_ids)}).scalar_one()
                 step_id = conn.execute(_STEP_INSERT, row).scalar_one()
                 if scenario_ids:
                     conn.execute(_EXAMPLE_INSERT, [{"step_id": step_id, "scenario_id": sid} for sid in scenario_ids])
