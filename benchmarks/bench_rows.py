@@ -175,7 +175,7 @@ def threads(work, pairs: int, pinned: int) -> Row:
 
 
 def store_rows(step_s: list[float], rounds: int, steps: int, pg_url: str | None) -> list[Row]:
-    """Store.add_train_step vs the bare driver writing the same rows (benchmarks/store_step.py),
+    """Store.add_train_step vs the bare driver writing the same rows the same way (benchmarks/store_step.py),
     and the store's share of the trainer step measured above."""
     import store_step
 

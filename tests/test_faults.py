@@ -428,9 +428,11 @@ def test_postgres_backend_terminated_mid_run_loses_nothing(setup_dir, tmp_path, 
 
 
 @pytest.fixture
-def private_pg(tmp_path):
+def private_pg(tmp_path, request):
     """A PostgreSQL server of this test's own (initdb + pg_ctl on a free port), so it can be
-    stopped and restarted without touching the shared one. Yields (url, pg_ctl)."""
+    stopped and restarted without touching the shared one. Yields (url, pg_ctl). Parametrized
+    indirectly, the parameter is more server options ("-c name=value ...")."""
+    extra = getattr(request, "param", "")
     import shutil
     import socket
     import tempfile
@@ -454,7 +456,7 @@ def private_pg(tmp_path):
 
     def ctl(*args: str) -> None:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w",
-                        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", *args],
+                        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 {extra}", *args],
                        check=True, capture_output=True, timeout=120)
 
     ctl("start")

@@ -410,7 +410,9 @@ def retry_transient(cls: C) -> C:
     Re-running is safe because a failed call rolled its transaction back. The one ambiguity is
     a connection lost during COMMIT (PostgreSQL), after which the row may exist: a retried
     add_train_step then fails on the unique active step, loudly, instead of writing it twice.
-    PostgreSQL connections dropped between calls never get here: pool_pre_ping replaces them."""
+    PostgreSQL connections dropped between calls never get here: pool_pre_ping replaces them;
+    except add_train_step's, held from step to step without a ping (Store._step_connection): one
+    dropped between two steps fails that call, which is retried on a fresh connection."""
     from dreamd.log import get_logger
 
     log = get_logger("dreamd.store")

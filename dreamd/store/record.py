@@ -1,8 +1,10 @@
 """Recording a run: the rows the cycle writes, and the summaries people read.
 
-Every write is its own short transaction, committed when the call returns, so a crash loses at
-most the call in progress (a committed SQLite WAL transaction survives SIGKILL). Reads use read-only
-transactions that never wait for the writer.
+Every write is its own short transaction, committed when the call returns, so a crash of the
+process loses at most the call in progress (a committed SQLite WAL transaction survives SIGKILL).
+One exception, for speed: on PostgreSQL a step's rows (add_train_step) are committed
+asynchronously, so a crash of the *server* can lose the steps after the last synchronous commit
+(docs/sql.md "train_steps"). Reads use read-only transactions that never wait for the writer.
 
     store = Store.open(cfg.store_url, cfg.store.busy_timeout_ms, cfg.store.connect_retries)
     store.upgrade()
@@ -18,12 +20,16 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, insert, or_, select, text, update
+from sqlalchemy import Connection, Integer, bindparam, func, insert, literal_column, or_, select, text, true, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError
 
 import dreamd
 from dreamd.store.db import retry_transient
@@ -54,6 +60,45 @@ _STEP_INSERT = insert(TrainStep).returning(TrainStep.id)
 _EXAMPLE_INSERT = insert(StepExample)
 
 
+def _pg_step_sql() -> str:
+    """PostgreSQL: a step's rows in ONE statement, run as its own transaction (autocommit): the
+    train_steps row, its step_examples rows (data-modifying CTEs) and, for that transaction
+    only, asynchronous commit (set_config(..., is_local => true)); returns the step id. Built
+    with Core from the tables and compiled once to psycopg's SQL text (%(name)s parameters,
+    every column bound): add_train_step runs it on the driver connection itself, as SQLAlchemy's
+    execution layer cost as much again as the driver. One round trip on the held connection,
+    where there were five (the pool's pre-ping, BEGIN, two INSERTs, COMMIT)."""
+    from sqlalchemy.dialects.postgresql.psycopg import dialect
+
+    cols = ("run_id", "cycle_id", "step", "status", "created_at", *STEP_REQUIRED, *STEP_OPTIONAL)
+    setting = func.set_config(literal_column("'synchronous_commit'"), literal_column("'off'"), true())
+    async_commit = select(setting.label("value")).cte("async_commit")
+    step = insert(TrainStep).values({c: bindparam(c) for c in cols}).returning(TrainStep.id).cte("step")
+    examples = insert(StepExample).from_select(
+        ["step_id", "scenario_id"],
+        select(step.c.id, func.unnest(bindparam("scenario_ids", type_=ARRAY(Integer))))).cte("examples")
+    query = select(step.c.id).select_from(step.join(async_commit, true())).add_cte(examples)
+    return str(query.compile(dialect=dialect()))
+
+
+_PG_STEP_SQL = _pg_step_sql()
+STEP_CONNECTION_IDLE_S = 30.0
+"""add_train_step keeps its connection while steps come at least this often (_step_connection)."""
+_STEP_DEFAULTS = {**dict.fromkeys(STEP_OPTIONAL), "skipped": False, "status": "active"}
+
+
+def _pg_execute(conn: Connection, params: dict[str, Any]) -> int:
+    """_PG_STEP_SQL on `conn`'s psycopg connection; a driver error is raised as SQLAlchemy's
+    (OperationalError, IntegrityError, ...), as every other store call raises it, so retries
+    and the one-line store failure see no difference."""
+    import psycopg
+
+    try:
+        return conn.connection.driver_connection.execute(_PG_STEP_SQL, params).fetchone()[0]
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(_PG_STEP_SQL, params, exc, psycopg.Error) from None
+
+
 class Superseded(NamedTuple):
     steps: int
     cycles: int
@@ -64,6 +109,10 @@ class Superseded(NamedTuple):
 class Store(ScenarioRecords):
     """The dreamd store: `Database` (connection, migrations), the scenarios' rows
     (store/scenarios.py) and the rest of the recording API."""
+
+    _steps: Connection | None = None
+    """add_train_step's own connection (_step_connection), and when it was last used."""
+    _steps_used: float = 0.0
 
     # ---- runs --------------------------------------------------------------------------------
     def start_run(self, name: str, config_json: str | Mapping[str, Any], model_path: str | Path,
@@ -186,16 +235,61 @@ class Store(ScenarioRecords):
         missing = set(STEP_REQUIRED) - set(metrics)
         if unknown or missing:
             raise ValueError(f"step metrics: unknown {sorted(unknown)}, missing {sorted(missing)}")
-        # Once per optimizer step, so Core on the session's connection with statements built
-        # once (the ORM unit of work and per-call statement building were ~80% of its cost; see
-        # benchmarks/store_step.py). Still one transaction: the step and its examples, or neither.
-        with self.session() as s:
-            conn = s.connection()
-            step_id = conn.execute(_STEP_INSERT, {"run_id": run_id, "cycle_id": cycle_id, "step": step,
-                                                  **metrics}).scalar_one()
-            if scenario_ids:
-                conn.execute(_EXAMPLE_INSERT, [{"step_id": step_id, "scenario_id": sid} for sid in scenario_ids])
-            return step_id
+        # Once per optimizer step: Core statements built once, on a connection held from step
+        # to step (no pool checkout, no pre-ping: each was a round trip's worth), dropped on any
+        # error so a retry (retry_transient) takes a fresh one. Still one transaction per step:
+        # the step and its examples, or neither. Costs: benchmarks/store_step.py.
+        row = {"run_id": run_id, "cycle_id": cycle_id, "step": step, **metrics}
+        conn = self._step_connection()
+        try:
+            if self.dialect == "postgresql":
+                # One statement, its own transaction (autocommit), committed asynchronously: the
+                # server answers once it has the rows, without waiting for their WAL flush (the
+                # fsync wait was up to 73% of the cost). The daemon dying loses nothing; only a server
+                # crash can lose the step rows of its last ~0.6 s (3 x wal_writer_delay), and
+                # any later synchronous commit makes them durable too (WAL is flushed in order).
+                # Every train pass writes its 'train' phases row, synchronously, before a
+                # checkpoint can be saved, so the steps a checkpoint holds are on disk before it
+                # is (docs/sql.md "train_steps").
+                return _pg_execute(conn, {**_STEP_DEFAULTS, **row, "created_at": utcnow(),
+                                          "scenario_ids": list(scenario_ids)})
+            with conn.begin():
+                step_id = conn.execute(_STEP_INSERT, row).scalar_one()
+                if scenario_ids:
+                    conn.execute(_EXAMPLE_INSERT, [{"step_id": step_id, "scenario_id": sid} for sid in scenario_ids])
+                return step_id
+        except BaseException:
+            self._drop_step_connection()
+            raise
+
+    def _step_connection(self) -> Connection:
+        """The connection add_train_step writes on, held from step to step (PostgreSQL:
+        autocommit, each step is one statement). Idle for STEP_CONNECTION_IDLE_S (the daemon
+        slept between cycles) it goes back to the pool, whose checkout pings it: a connection
+        a server or firewall dropped meanwhile is replaced without a failed call."""
+        now = time.monotonic()
+        if self._steps is not None and now - self._steps_used > STEP_CONNECTION_IDLE_S:
+            self._steps.close()
+            self._steps = None
+        if self._steps is None:
+            conn = self.engine.connect()
+            self._steps = conn.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else conn
+        self._steps_used = now
+        return self._steps
+
+    def _drop_step_connection(self) -> None:
+        """After an error, and at close(): really close it (after an error it may be broken: a
+        server restart, a terminated backend), so the next add_train_step, or its retry, opens
+        a fresh one."""
+        conn, self._steps = self._steps, None
+        if conn is not None:
+            with suppress(Exception):
+                conn.invalidate()
+                conn.close()
+
+    def close(self) -> None:
+        self._drop_step_connection()
+        super().close()
 
     def supersede_after(self, run_id: int, step: int) -> Superseded:
         """Take everything after optimizer step `step` out of the run's lineage (resume or
