@@ -127,10 +127,14 @@ def nibbles(sigs: np.ndarray) -> np.ndarray:
 _NIBBLE_BIT0 = np.uint64(0x1111_1111_1111_1111)
 
 
+def positions_needed(threshold: float) -> int:
+    """Equal signature positions of a pair with similarity >= threshold."""
+    return math.ceil(threshold * NUM_PERM - 1e-9)
+
+
 def bands_needed(threshold: float) -> int:
     """k: equal bands every pair with similarity >= threshold has (pigeonhole; at least 1)."""
-    equal = math.ceil(threshold * NUM_PERM - 1e-9)   # positions that must agree
-    return max(1, BANDS - (NUM_PERM - equal))
+    return max(1, BANDS - (NUM_PERM - positions_needed(threshold)))
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -276,7 +280,7 @@ class NearDupIndex:
         count = np.bitwise_count(differ & _NIBBLE_BIT0)
         count = count[:, 0::2] + count[:, 1::2]      # pairwise: a reduction along 8 is slower
         count = count[:, 0::2] + count[:, 1::2]
-        return rows[count[:, 0] + count[:, 1] <= NUM_PERM - math.ceil(self.threshold * NUM_PERM - 1e-9)]
+        return rows[count[:, 0] + count[:, 1] <= NUM_PERM - positions_needed(self.threshold)]
 
     def problem(self, scenario: Scenario) -> str | None:
         """Screening rule: why `scenario` is a near duplicate, or None."""
