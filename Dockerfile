@@ -74,6 +74,7 @@ ENV HF_HUB_OFFLINE=1 \
     HF_HOME=/var/lib/dreamd/.cache/huggingface \
     TRITON_CACHE_DIR=/var/lib/dreamd/.cache/triton \
     VLLM_CACHE_ROOT=/var/lib/dreamd/.cache/vllm \
+    NUMBA_CACHE_DIR=/var/lib/dreamd/.cache/numba \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     DREAMD_LOG_FORMAT=json

@@ -78,7 +78,7 @@ def test_unit_has_the_directives_the_daemon_relies_on():
     assert "+/usr/bin/nvidia-modprobe -u -c=0" in one["ExecStartPre"]
     assert any(v.startswith("char-nvidia") for v in svc["DeviceAllow"])
     env = dict(e.split("=", 1) for e in svc["Environment"])
-    for var in ("HF_HOME", "TRITON_CACHE_DIR", "VLLM_CACHE_ROOT"):
+    for var in ("HF_HOME", "TRITON_CACHE_DIR", "VLLM_CACHE_ROOT", "NUMBA_CACHE_DIR"):
         assert env[var].startswith("%C/dreamd/"), var  # inside CacheDirectory=dreamd
     assert env["HF_HUB_OFFLINE"] == "1"
 

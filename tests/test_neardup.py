@@ -16,6 +16,7 @@ from sqlalchemy import text
 from dreamd.config import EvalConfig, ScreenConfig
 from dreamd.config_file import load_config
 from dreamd.cycle import run_cycle
+from dreamd.dream import lsh_kernel
 from dreamd.dream.lsh import PREFIX, BandIndex
 from dreamd.dream.neardup import (
     BANDS,
@@ -196,11 +197,75 @@ def test_band_index_reads_only_the_heavy_buckets_it_must() -> None:
     assert read == 400 and set(got.tolist()) == set(range(400))
 
 
-def test_index_finds_what_brute_force_finds_on_template_scenarios(store: Store) -> None:
+@pytest.fixture(params=[True, False], ids=["compiled", "numpy"])
+def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both lookup paths: compiled (dreamd/dream/lsh_kernel.py) and numpy."""
+    monkeypatch.setattr(NearDupIndex, "compiled", request.param)
+    return request.param
+
+
+def test_the_compiled_lookup_is_there() -> None:
+    """numba is a dependency: the compiled path is the one that runs (not a silent fallback)."""
+    assert lsh_kernel.kernel() is not None
+
+
+def test_both_paths_find_what_comparing_every_signature_finds(compiled: bool) -> None:
+    """Random signatures sharing a frame in a random share of their bands (heavy buckets of
+    every size), rows in the sorted layout and in the recent adds, exact copies under two ids
+    (ties: the lowest id), thresholds from k = 1 to k = 32: the answer of comparing every
+    signature, on either path."""
+    rng = np.random.default_rng(11)
+    frame = rng.integers(0, 1 << 32, size=NUM_PERM, dtype=np.uint32)
+    sigs = rng.integers(0, 1 << 32, size=(2500, NUM_PERM), dtype=np.uint32)
+    for i in range(2500):
+        mask = np.repeat(rng.random(BANDS) < rng.choice([0.05, 0.3, 0.9]), NUM_PERM // BANDS)
+        sigs[i, mask] = frame[mask]
+    near = sigs[rng.choice(2500, 300)].copy()             # near copies: 0-30 positions changed
+    for q in near:
+        q[rng.choice(NUM_PERM, rng.integers(0, 31), replace=False)] = rng.integers(0, 1 << 32, dtype=np.uint32)
+    ids = np.arange(2500) * 3 + 7
+    ids[1000], ids[1001] = 5000, 4000                     # two copies: the lower id answers
+    sigs[1001] = sigs[1000]
+    index = NearDupIndex(_Memory())
+    index._append(ids[:2000], sigs[:2000], bulk=True)
+    index.bands.finish_loading()
+    for i in range(2000, 2500):
+        index.add_signature(int(ids[i]), sigs[i])
+    assert index.bands._recent and len(index.bands._heavy_prefix) > 7
+    queries = np.concatenate([near, frame[None, :], sigs[[1000]],
+                              rng.integers(0, 1 << 32, size=(20, NUM_PERM), dtype=np.uint32)])
+    hits = 0
+    for merged in (False, True):
+        if merged:
+            index.bands._merge()
+        for threshold in (0.6, 0.8, 0.9, 1.0):
+            index.threshold, index.k = threshold, bands_needed(threshold)
+            for q in queries:
+                equal = (sigs == q).sum(axis=1)
+                top = equal.max()
+                expected = (int(ids[equal == top].min()), top / NUM_PERM) if top / NUM_PERM >= threshold else None
+                hit = index.find_signature(q)
+                assert (None if hit is None else (hit.scenario_id, hit.similarity)) == expected, threshold
+                hits += hit is not None
+    assert hits > 1000 and index.find_signature(sigs[1000]).scenario_id == 4000
+
+
+class _Memory:
+    """Just enough of a Store for NearDupIndex: signatures kept nowhere, every add is new."""
+
+    def minhash_page(self, *args: object, **kwargs: object) -> list:
+        return []
+
+    def add_minhashes(self, scheme: str, rows: list) -> list[int]:
+        return [sid for sid, _ in rows]
+
+
+def test_index_finds_what_brute_force_finds_on_template_scenarios(store: Store, compiled: bool) -> None:
     """The same recall as comparing every signature: planted near copies of stored template
     scenarios and fresh draws, at 0.8 and 0.6 (k = 7 and k = 1), with a family of 200 that
     share one frame of 40 words (heavy buckets: the queries that read them and screen their
-    many candidates on nibbles), screening as usual and screening every lookup."""
+    many candidates on nibbles), screening as usual and screening every lookup (numpy path),
+    on both paths."""
     run_id = store.start_run("r", "{}", "/m", 0)
     cycle_id = store.start_cycle(run_id, 1, 1e-5, 0.25, 8)
     dreamer, rng = TemplateDreamer(spec="spec", seed=9), random.Random(9)

@@ -24,6 +24,9 @@ rows of the query's light buckets and the ids of its heavy ones: no search, no p
 about ten numpy calls whatever the store's size. 8 bytes per light entry, 4 per heavy one,
 plus the directory (4 bytes a slot).
 
+dreamd/dream/lsh_kernel.py reads the same layout in compiled code (BandIndex.candidates is the
+numpy path, and the reference the tests hold it to).
+
 Adds go to a small dict (`_recent`) and are merged (the whole index rebuilt, one sort) when it
 holds more than an eighth of the rest (amortised O(log n) per add); a query reads both.
 
@@ -184,6 +187,19 @@ class BandIndex:
         if need > 1:
             return rows[need - 1:][rows[need - 1:] == rows[:1 - need]], light   # runs of >= need
         return rows[:light], light
+
+    def recent_candidates(self, keys: np.ndarray, k: int) -> np.ndarray:
+        """The rows among the recent adds (not yet merged into the sorted layout) that have `k`
+        of the query's band `keys` equal, each once: the part of a lookup the compiled path
+        (dreamd/dream/lsh_kernel.py) leaves to Python. A row is in the recent adds or in the
+        sorted layout, never both."""
+        if not self._recent:
+            return np.empty(0, dtype=np.int64)
+        read = [i for p in (keys.reshape(-1) & PREFIX).tolist() for i in self._recent.get(p, ())]
+        if len(read) < k:
+            return np.empty(0, dtype=np.int64)
+        rows, counts = np.unique(np.array(read, dtype=np.int64), return_counts=True)
+        return rows[counts >= max(1, k)]
 
     def _read_heavy(self, light: np.ndarray, refs: np.ndarray, k: int) -> np.ndarray:
         """The `light` rows and those of the heavy buckets `refs` (FLAG + id) but the k - 1

@@ -28,9 +28,11 @@ Persistence: `minhash_signatures` (scenario id -> 512-byte signature, scheme) is
 only storage, so the check holds across restarts and across runs. When the index opens it reads
 every signature into memory (512 bytes, 64 of its nibbles, ~4 of scratch and ~220 of bands a
 scenario: ~0.8 GB at 1e6 stored) and builds the band index (`lsh.BandIndex`); a lookup is then
-one gather of its 32 buckets, a count of the rows read and one vectorised comparison of the
-candidates' signatures (a frame-heavy query's hundreds screened first on their nibbles,
-`_screen`), without touching the store. An accepted scenario is written to the store and added
+a read of its 32 buckets, a count of the rows read and a comparison of the candidates'
+signatures (a frame-heavy query's hundreds screened first on their nibbles), without touching
+the store: one compiled call (dreamd/dream/lsh_kernel.py, numba) or, where numba does not
+import, numpy (BandIndex.candidates, then `_screen` and one vectorised comparison), with the
+same answer. An accepted scenario is written to the store and added
 in memory; `refresh()` reads what another process stored since. Scenarios accepted before the
 signature table existed (or signed under another SCHEME) are signed by `backfill()`.
 tests/test_neardup.py and benchmarks/neardup_bench.py measure it against datasketch.
@@ -48,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from dreamd.dream import lsh_kernel
 from dreamd.dream.lsh import BandIndex
 from dreamd.dream.scenario import Scenario, normalize_text
 
@@ -163,7 +166,8 @@ class NearDupIndex:
     vectorised), their nibbles (64) and their band index (~220); a lookup does not touch the
     store. One lookup at a time (a scratch array is shared between lookups)."""
 
-    SCREEN_ABOVE = 16  # candidates above this many are screened on their nibbles first
+    SCREEN_ABOVE = 16  # numpy path: candidates above this many are screened on their nibbles first
+    compiled = True    # False: the numpy path even where numba is installed (tests compare the two)
     CACHE = 256  # signatures kept between the screening rule and add() (same content hash)
     PAGE = 50_000  # signatures per read while loading
     REFRESH_S = 60.0  # find() reads other processes' additions at most this often
@@ -254,7 +258,32 @@ class NearDupIndex:
         return None if sig is None else self.find_signature(sig)
 
     def find_signature(self, sig: np.ndarray) -> NearDup | None:
-        """find() for a signature already computed."""
+        """find() for a signature already computed: compiled where numba is installed
+        (dreamd/dream/lsh_kernel.py), in numpy otherwise; the same answer either way."""
+        lookup = lsh_kernel.kernel() if self.compiled else None
+        if lookup is None:
+            return self._find_numpy(sig)
+        bands = self.bands
+        if bands._pending:
+            bands.finish_loading()
+        sig = np.ascontiguousarray(sig, dtype=np.uint32)
+        max_differ = NUM_PERM - positions_needed(self.threshold)
+        row, equal, self.last_candidates, self.last_read, _ = lookup(
+            sig, _BAND_MUL_FLAT, _BAND_ADD, bands._dir, bands._shift, bands._padded, bands._heavy_bounds,
+            bands._heavy_rows, self.k, self._sigs, self._nibbles.view(np.uint64), self._ids, max_differ)
+        recent = bands.recent_candidates(band_keys(sig), self.k) if bands._recent else ()
+        if len(recent):                    # added since the last merge: compared here
+            self.last_candidates += len(recent)
+            counts = np.add.reduce(self._sigs[recent] == sig, axis=1)
+            for r, c in zip(recent.tolist(), counts.tolist()):
+                if NUM_PERM - c <= max_differ and (c > equal or (c == equal and self._ids[r] < self._ids[row])):
+                    row, equal = r, c
+        if row < 0:
+            return None
+        return NearDup(int(self._ids[row]), equal / NUM_PERM)
+
+    def _find_numpy(self, sig: np.ndarray) -> NearDup | None:
+        """find_signature() in numpy (no numba): BandIndex.candidates, then the comparison."""
         rows, self.last_read = self.bands.candidates(band_keys(sig), self.k)
         if rows.size > self.SCREEN_ABOVE:   # many (frame-heavy): each once, then their nibbles
             rows = self._screen(rows, sig)
@@ -295,8 +324,12 @@ class NearDupIndex:
         sig = self._signature(scenario)
         if sig is None:
             return False
-        self._index([(scenario_id, sig)])
+        self.add_signature(scenario_id, sig)
         return True
+
+    def add_signature(self, scenario_id: int, sig: np.ndarray) -> None:
+        """add() for a signature already computed."""
+        self._index([(scenario_id, sig)])
 
     def _index(self, rows: list[tuple[int, np.ndarray | None]]) -> None:
         """Store signatures (None: a scenario without words, stored empty, never a candidate)
