@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from dreamd.config import Config, EngineConfig, ModelConfig, OptimizerConfig
+from dreamd.dream import lsh_kernel
 from dreamd.engines.base import Sampling
 from dreamd.engines.canary import canary_probe, compare, default_atol, run_canary, trainer_prompt_logprobs
 from dreamd.engines.ledger import PhaseLedger, cuda_free_bytes
@@ -108,6 +109,9 @@ def main(name: str, out_json: Path, device: str) -> None:
 
     engine_cfg = (EngineConfig(gpu_memory_utilization=0.25, max_model_len=2048) if device == "cuda"
                   else EngineConfig(max_model_len=1024, kv_cache_memory_bytes=128 << 20))
+    # A daemon's process has loaded numba (its compiled near-duplicate lookup) before an engine
+    # is built or rebuilt; vLLM must build beside it (llvmlite, vllm_compat.guard_module_scan).
+    assert lsh_kernel.kernel() is not None
     t0 = time.perf_counter()
     engine = VLLMEngine.create(model_path=path, model=model, tokenizer=tok, seed=0, engine_cfg=engine_cfg, threads=1)
     numbers["create_and_first_push_s"] = time.perf_counter() - t0

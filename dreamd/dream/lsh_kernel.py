@@ -6,8 +6,8 @@
 
 Why compiled. The numpy lookup (lsh.BandIndex.candidates, then the comparison in neardup.py)
 is 12-15 numpy calls of ~1 us each whatever the store's size, and a frame-heavy query adds a
-dozen more. One compiled call does the same work: ~3 us at 1e3 stored, ~8 us at 1e6, against
-~12 and ~40 (docs/benchmarks.md, "Near duplicates").
+dozen more. One compiled call does the same work: ~3 us at 1e3 stored, ~10 us at 1e6, against
+~13 and ~45 (docs/benchmarks.md, "Near duplicates").
 
 What it computes: the stored row most similar to `sig` with at most `max_differ` of its NUM_PERM
 positions different (ties: the lowest scenario id), as comparing every signature of the sorted
@@ -43,13 +43,16 @@ _tried = False
 
 
 def kernel() -> Callable[..., tuple[int, int, int, int, int]] | None:
-    """The compiled lookup, or None where numba is not installed (or does not import)."""
+    """The compiled lookup, or None where numba is not installed, does not import or is turned
+    off (NUMBA_DISABLE_JIT=1): the numpy path then."""
     global _kernel, _tried
     if not _tried:
         _tried = True
         try:
             import numba
         except Exception:   # noqa: BLE001 - not installed, or built for another numpy
+            return None
+        if numba.config.DISABLE_JIT:   # NUMBA_DISABLE_JIT=1: the kernel would run as Python
             return None
         try:   # compiled once, then cached beside this file or in ~/.cache/numba where writable
             _kernel = numba.njit(nogil=True, cache=True)(_lookup)

@@ -96,6 +96,7 @@ class VLLMEngine:
         api = api or compat.import_vllm()
         layout = layout_for(config)
         compat.prepare_architecture(api, layout.served_architecture)
+        compat.guard_module_scan()
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"vLLM serves float32/bfloat16/float16 weights, the trainer has {dtype}")
         if api.device == "cpu":

