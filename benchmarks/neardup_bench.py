@@ -3,17 +3,25 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/neardup_bench.py --stored 1000 10000 100000 1000000
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/neardup_bench.py --interleaved --stored 1000 1000000
+    ... --corpus draws          every draw stored, near copies of each other included
+    ... --path numpy            size by size: the numpy lookup instead of the compiled one
 
 The same script measures the code before migration 0006 (SQL bands) when run against that tree:
     git archive 7f58333 dreamd migrations | tar -x -C /tmp/nd-before
     PYTHONPATH=/tmp/nd-before .venv/bin/python benchmarks/neardup_bench.py --stored 1000 10000 100000
 
-Data: one stream of 1e6 template-dreamer scenarios (the real distribution: shared frames,
-varied slots), signed once and cached with its texts in ~/.cache/dreamd-bench/ (~12 min to
-build); "stored N" is its first N. The store for each N is cached there too and holds only what
-the lookup reads: minimal scenario rows (the signature rows reference them; no text) and the
-signatures (before 0006: also the 32 band rows each). Queries, all from precomputed signatures
-(signing one is ~200 us for every method alike, not counted):
+Data: one stream of 1.2e6 template-dreamer scenarios (the real distribution: shared frames,
+varied slots), signed once and cached with its texts in ~/.cache/dreamd-bench/ (~5-12 min to
+build). Stored N (--corpus accepted, the default) is the first N the daemon would have accepted:
+the stream screened in order by dreamd's own index, a draw kept when no draw kept before it is
+a near duplicate (1e6 accepted of the first 1,087,412 draws; cached as an index list). The
+daemon's index never holds two near copies of each other (a run screens every scenario against
+its own before accepting it); --corpus draws stores the first N draws as they come, clusters of
+near copies included, the store of a run without the near-duplicate rule. The store for each N
+is cached there too and holds only what the lookup reads: minimal scenario rows (the signature
+rows reference them; no text) and the signatures (before 0006: also the 32 band rows each).
+Queries, all from precomputed signatures (signing one is ~200 us for every method alike, not
+counted):
   fresh    500 new template draws (another seed): the screening workload
   planted  500 near copies of random stored scenarios, words replaced until the exact Jaccard
            of the word 3-grams is in [0.8, 1.0): each should be found
@@ -52,10 +60,11 @@ from dreamd.store import Store
 
 KINDS = ("accept", "pushback", "derail", "general")
 CACHE = Path.home() / ".cache" / "dreamd-bench"
-CORPUS_N, CORPUS_SEED, QUERY_SEED = 1_000_000, 1_000_000, 12345
+CORPUS_N, CORPUS_SEED, QUERY_SEED = 1_200_000, 1_000_000, 12345   # 1.2e6 draws: 1e6 accepted
 ROUNDS = 5
 NEW = hasattr(neardup, "bands_needed")   # False: the tree before migration 0006 (SQL bands)
 IMPL = "memory-bands" if NEW else "sql-bands"
+PATH = "compiled"      # --path: NearDupIndex's lookup path (compiled where numba is installed, or numpy)
 
 
 def draw(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -70,7 +79,7 @@ def draw(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     return sigs, texts
 
 
-def corpus() -> tuple[np.ndarray, list[str]]:
+def raw_corpus() -> tuple[np.ndarray, list[str]]:
     base = CACHE / f"templates-s{CORPUS_SEED}-n{CORPUS_N}"
     sig_path, text_path = Path(f"{base}.sig.npy"), Path(f"{base}.txt.gz")
     if not (sig_path.exists() and text_path.exists()):
@@ -83,6 +92,47 @@ def corpus() -> tuple[np.ndarray, list[str]]:
     with gzip.open(text_path, "rt") as f:
         texts = json.load(f)
     return np.load(sig_path), texts
+
+
+class _Signatures:
+    """Just enough of a Store for NearDupIndex to screen a stream in memory (no rows kept)."""
+
+    def minhash_page(self, *args, **kwargs) -> list:
+        return []
+
+    def add_minhashes(self, scheme: str, rows: list) -> list[int]:
+        return [sid for sid, _ in rows]
+
+
+def accepted(sigs: np.ndarray, threshold: float, want: int) -> np.ndarray:
+    """Which draws the daemon would store: the stream screened in order by dreamd's own index
+    (a draw is kept when no kept draw before it is a near duplicate), the first `want` kept."""
+    path = CACHE / f"templates-s{CORPUS_SEED}-n{CORPUS_N}-accepted-t{threshold:g}.npy"
+    if path.exists():
+        return np.load(path)
+    print(f"screening the corpus into {path} (once)", flush=True)
+    index, kept = neardup.NearDupIndex(_Signatures(), threshold=threshold), []
+    for i, sig in enumerate(sigs):
+        if not sig.any() or index.find_signature(sig) is not None:
+            continue
+        index.add_signature(i + 1, sig)
+        kept.append(i)
+        if len(kept) == want:
+            break
+    if len(kept) < want:
+        raise SystemExit(f"only {len(kept)} of {CORPUS_N} draws accepted; raise CORPUS_N")
+    np.save(path, np.array(kept, dtype=np.int64))
+    return np.load(path)
+
+
+def corpus(kind: str, threshold: float, want: int) -> tuple[np.ndarray, list[str]]:
+    """'draws': every template draw, near copies of each other included (a store without a
+    screen); 'accepted': what the daemon stores, each draw screened against those kept before it."""
+    sigs, texts = raw_corpus()
+    if kind == "draws":
+        return sigs[:want], texts[:want]
+    keep = accepted(sigs, threshold, want)
+    return sigs[keep], [texts[i] for i in keep]
 
 
 def planted(texts: list[str], n_stored: int, count: int, threshold: float, seed: int) -> list[tuple[int, np.ndarray]]:
@@ -110,8 +160,8 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def open_store(n: int, sigs: np.ndarray) -> Store:
-    path = CACHE / f"neardup-{IMPL}-{n}.sqlite"
+def open_store(n: int, sigs: np.ndarray, kind: str) -> Store:
+    path = CACHE / f"neardup-{IMPL}-{kind}-{n}.sqlite"
     fresh = not path.exists()
     store = Store.open(f"sqlite:///{path}")
     if not fresh:
@@ -214,11 +264,13 @@ def datasketch_lookup(sigs: np.ndarray, n: int, threshold: float):
 
 
 def bench(n: int, sigs: np.ndarray, texts: list[str], fresh: tuple[np.ndarray, list[str]],
-          plants: list[tuple[int, np.ndarray]], threshold: float) -> dict[str, float]:
-    store = open_store(n, sigs)
+          plants: list[tuple[int, np.ndarray]], threshold: float, kind: str) -> dict[str, float]:
+    store = open_store(n, sigs, kind)
     size_mb = Path(store.engine.url.database).stat().st_size / 2**20
     rss0, t = rss_mb(), time.perf_counter()
     index = neardup.NearDupIndex(store, threshold=threshold) if NEW else Old(store, threshold)
+    if NEW:
+        index.compiled = PATH == "compiled"
     open_s, rss_grew = time.perf_counter() - t, rss_mb() - rss0
     queries = list(fresh[0])
     run_lookups(index.find_signature, queries[:50])                      # warm the page cache
@@ -231,7 +283,7 @@ def bench(n: int, sigs: np.ndarray, texts: list[str], fresh: tuple[np.ndarray, l
     extra = f"store_mb={size_mb:.0f} open_s={open_s:.2f} rss_mb={rss_grew:.0f}"
     if NEW:
         extra += f" index_mb={index.nbytes / 2**20:.0f}"
-    own = report(f"dreamd-{IMPL}", n, times, cand, hits, fresh[1], texts, plant_hits, threshold, extra)
+    own = report(f"dreamd-{IMPL}-{PATH}" if NEW else f"dreamd-{IMPL}", n, times, cand, hits, fresh[1], texts, plant_hits, threshold, extra)
     store.close()
     out = {"own_ms": own}
     try:
@@ -253,28 +305,46 @@ def bench(n: int, sigs: np.ndarray, texts: list[str], fresh: tuple[np.ndarray, l
     return out
 
 
-def interleaved(sizes: list[int], sigs: np.ndarray, queries: list[np.ndarray], threshold: float) -> None:
+def interleaved(sizes: list[int], sigs: np.ndarray, queries: list[np.ndarray], threshold: float, kind: str) -> None:
     """dreamd's index at every size open at once, the same lookups timed round-robin across the
-    sizes (each query's fastest of ROUNDS): the growth with the store measured side by side,
-    under the same load, which the size-by-size runs above are not."""
-    indexes = {n: neardup.NearDupIndex(open_store(n, sigs), threshold=threshold) for n in sizes}
-    times = {n: [float("inf")] * len(queries) for n in sizes}
+    sizes and both lookup paths (compiled, numpy; each query's fastest of ROUNDS): the growth
+    with the store, and the paths against each other, measured side by side under the same
+    load, which the size-by-size runs above are not. The paths' answers are checked equal."""
+    indexes = {n: neardup.NearDupIndex(open_store(n, sigs, kind), threshold=threshold) for n in sizes}
+    kernel = getattr(neardup, "lsh_kernel", None)      # None: a tree from before the compiled path
+    paths = ("compiled", "numpy") if kernel is not None and kernel.kernel() is not None else ("numpy",)
+    for index in indexes.values():
+        answers = []
+        for path in paths:
+            index.compiled = path == "compiled"
+            answers.append([index.find_signature(q) for q in queries])
+        assert all(a == answers[0] for a in answers), "the lookup paths disagree"
+    times = {(p, n): [float("inf")] * len(queries) for p in paths for n in sizes}
     for _ in range(ROUNDS):
-        for n, index in indexes.items():
-            for i, q in enumerate(queries):
-                t = time.perf_counter()
-                index.find_signature(q)
-                times[n][i] = min(times[n][i], time.perf_counter() - t)
+        for path in paths:
+            for n, index in indexes.items():
+                index.compiled = path == "compiled"
+                for i, q in enumerate(queries):
+                    t = time.perf_counter()
+                    index.find_signature(q)
+                    times[path, n][i] = min(times[path, n][i], time.perf_counter() - t)
     first = sizes[0]
-    for n in sizes:
-        mean, median = statistics.mean(times[n]) * 1e3, statistics.median(times[n]) * 1e3
-        ranked = sorted(times[n])
-        body = ranked[:len(ranked) * 9 // 10]                   # all but the slowest 10%
-        print(f"interleaved stored={n:<8} ms={mean:.4f} median_ms={median:.4f} = "
-              f"{mean / (statistics.mean(times[first]) * 1e3):.2f}x (median "
-              f"{median / (statistics.median(times[first]) * 1e3):.2f}x) stored={first}; "
-              f"slowest 10%: {1 - sum(body) / sum(ranked):.2f} of the time, the rest ms={statistics.mean(body) * 1e3:.4f} "
-              f"index_mb={indexes[n].nbytes / 2**20:.0f}", flush=True)
+    for path in paths:
+        for n in sizes:
+            mean, median = statistics.mean(times[path, n]) * 1e3, statistics.median(times[path, n]) * 1e3
+            ranked = sorted(times[path, n])
+            body = ranked[:len(ranked) * 9 // 10]                   # all but the slowest 10%
+            print(f"interleaved {path:<8} stored={n:<8} ms={mean:.4f} median_ms={median:.4f} = "
+                  f"{mean / (statistics.mean(times[path, first]) * 1e3):.2f}x (median "
+                  f"{median / (statistics.median(times[path, first]) * 1e3):.2f}x) stored={first}; "
+                  f"slowest 10%: {1 - sum(body) / sum(ranked):.2f} of the time, the rest ms={statistics.mean(body) * 1e3:.4f} "
+                  f"index_mb={indexes[n].nbytes / 2**20:.0f}", flush=True)
+    if len(paths) == 2:
+        for n in sizes:
+            print(f"interleaved stored={n:<8} compiled / numpy = "
+                  f"{statistics.mean(times['compiled', n]) / statistics.mean(times['numpy', n]):.2f}x (mean), "
+                  f"{statistics.median(times['compiled', n]) / statistics.median(times['numpy', n]):.2f}x (median)",
+                  flush=True)
 
 
 def main() -> None:
@@ -284,20 +354,27 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--interleaved", action="store_true",
                     help="only dreamd, every size open at once, lookups timed round-robin across sizes")
+    ap.add_argument("--corpus", choices=("accepted", "draws"), default="accepted",
+                    help="accepted: what the daemon stores (each draw screened against those kept before it); "
+                         "draws: every draw, near copies of each other included")
+    ap.add_argument("--path", choices=("compiled", "numpy"), default="compiled",
+                    help="size by size: the lookup path timed (--interleaved times both)")
     args = ap.parse_args()
-    print(f"impl={IMPL} threshold={args.threshold} queries={args.queries} (+{args.queries} planted) "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
-    sigs, texts = corpus()
+    global PATH
+    PATH = args.path
+    print(f"impl={IMPL} path={PATH} corpus={args.corpus} threshold={args.threshold} queries={args.queries} "
+          f"(+{args.queries} planted) OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    sigs, texts = corpus(args.corpus, args.threshold, max(args.stored))
     fresh = draw(args.queries, QUERY_SEED)
     if args.interleaved:
         if not NEW:
             raise SystemExit("--interleaved: the tree before migration 0006 has no in-memory index")
-        interleaved(args.stored, sigs, list(fresh[0]), args.threshold)
+        interleaved(args.stored, sigs, list(fresh[0]), args.threshold, args.corpus)
         return
     results = {}
     for n in args.stored:
         plants = planted(texts, n, args.queries, args.threshold, seed=n)
-        results[n] = bench(n, sigs, texts, fresh, plants, args.threshold)
+        results[n] = bench(n, sigs, texts, fresh, plants, args.threshold, args.corpus)
     first = results[args.stored[0]]
     for n, r in results.items():
         line = f"stored={n:<8} dreamd {r['own_ms']:.4f} ms = {r['own_ms'] / first['own_ms']:.2f}x stored={args.stored[0]}"

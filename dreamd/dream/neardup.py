@@ -195,6 +195,8 @@ class NearDupIndex:
         self.last_read = 0                # bucket entries the last lookup read (benchmarks)
         self._refreshed_at = 0.0
         self.refresh()
+        if self.compiled:   # compile or load the kernel now (0.1-4 s, once a process), not in a cycle
+            self.find_signature(np.zeros(NUM_PERM, dtype=np.uint32))
 
     def refresh(self) -> int:
         """Read signatures stored since the last read (at open: all of them), e.g. by another
