@@ -156,6 +156,24 @@ class BandIndex:
         self._main = self._padded[:len(main)]
         # Row i of _window: the `width` entries from i on (a view: no copy).
         self._window = as_strided(self._padded, shape=(len(main) + 1, width), strides=(8, 8), writeable=False)
+        self._layout = (self._dir, self._shift, self._padded, self._heavy_bounds, self._heavy_rows)
+
+    def layout(self) -> tuple[np.ndarray, np.uint64, np.ndarray, np.ndarray, np.ndarray]:
+        """The sorted layout, for the compiled lookup (dreamd/dream/lsh_kernel.py): directory,
+        its shift, the padded entries, heavy bounds, heavy rows (pending bulk adds sorted in
+        first; the recent adds are not in it: recent_candidates)."""
+        if self._pending:
+            self.finish_loading()
+        return self._layout
+
+    @property
+    def has_recent(self) -> bool:
+        """Whether rows were added since the last merge (they are outside the sorted layout)."""
+        return bool(self._recent)
+
+    def _recent_rows(self, prefix: np.ndarray) -> list[int]:
+        """The recent adds read through the query's bucket `prefix`es, once per equal band."""
+        return [i for p in prefix.tolist() for i in self._recent.get(p, ())]
 
     def candidates(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, int]:
         """Rows that may have `k` (>= 1) of the query's band `keys` equal: every row that has,
@@ -169,7 +187,7 @@ class BandIndex:
         found = self._window[self._dir[prefix >> self._shift]] - prefix[:, None]
         rows = found[found < BUCKET]                   # light rows, heavy bucket ids (+ FLAG)
         if self._recent:
-            recent = [i for p in prefix.tolist() for i in self._recent.get(p, ())]
+            recent = self._recent_rows(prefix)
             if recent:
                 rows = np.concatenate([rows, np.array(recent, dtype=np.uint64)])
         if not rows.size:
@@ -195,7 +213,7 @@ class BandIndex:
         sorted layout, never both."""
         if not self._recent:
             return np.empty(0, dtype=np.int64)
-        read = [i for p in (keys.reshape(-1) & PREFIX).tolist() for i in self._recent.get(p, ())]
+        read = self._recent_rows(keys.reshape(-1) & PREFIX)
         if len(read) < k:
             return np.empty(0, dtype=np.int64)
         rows, counts = np.unique(np.array(read, dtype=np.int64), return_counts=True)

@@ -265,15 +265,12 @@ class NearDupIndex:
         lookup = lsh_kernel.kernel() if self.compiled else None
         if lookup is None:
             return self._find_numpy(sig)
-        bands = self.bands
-        if bands._pending:
-            bands.finish_loading()
         sig = np.ascontiguousarray(sig, dtype=np.uint32)
         max_differ = NUM_PERM - positions_needed(self.threshold)
         row, equal, self.last_candidates, self.last_read, _ = lookup(
-            sig, _BAND_MUL_FLAT, _BAND_ADD, bands._dir, bands._shift, bands._padded, bands._heavy_bounds,
-            bands._heavy_rows, self.k, self._sigs, self._nibbles.view(np.uint64), self._ids, max_differ)
-        recent = bands.recent_candidates(band_keys(sig), self.k) if bands._recent else ()
+            sig, _BAND_MUL_FLAT, _BAND_ADD, *self.bands.layout(), self.k, self._sigs,
+            self._nibbles.view(np.uint64), self._ids, max_differ)
+        recent = self.bands.recent_candidates(band_keys(sig), self.k) if self.bands.has_recent else ()
         if len(recent):                    # added since the last merge: compared here
             self.last_candidates += len(recent)
             counts = np.add.reduce(self._sigs[recent] == sig, axis=1)
