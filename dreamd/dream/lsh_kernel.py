@@ -54,6 +54,7 @@ def kernel() -> Callable[..., tuple[int, int, int, int, int]] | None:
             return None
         if numba.config.DISABLE_JIT:   # NUMBA_DISABLE_JIT=1: the kernel would run as Python
             return None
+        globals()["_popcount"] = _popcount_intrinsic()
         try:   # compiled once, then cached beside this file or in ~/.cache/numba where writable
             _kernel = numba.njit(nogil=True, cache=True)(_lookup)
         except RuntimeError:   # no writable place: compiled in every process (~4 s)
@@ -65,8 +66,29 @@ _PREFIX = np.uint64(PREFIX)
 _BUCKET = np.uint64(BUCKET)
 _FLAG = np.uint64(FLAG)
 _NIBBLE_BIT0 = np.uint64(0x1111_1111_1111_1111)
-_LOW15 = np.uint64(0x0111_1111_1111_1111)
-_ONE, _TWO, _THREE, _SIXTY = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(60)
+_ONE, _TWO = np.uint64(1), np.uint64(2)
+
+
+def _popcount(x: Any) -> Any:
+    """The set bits of a uint64 (replaced by the CPU's popcount instruction when compiled)."""
+    return np.uint64(int(x).bit_count())
+
+
+def _popcount_intrinsic() -> Any:
+    """llvm.ctpop.i64 for the compiled kernel: one instruction where the CPU has popcnt, where
+    the multiply-and-shift count it replaced cost the frame-heavy lookups ~17% more (measured,
+    docs/benchmarks.md)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def popcount(typingctx: Any, x: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.call(builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)]), [args[0]])
+        return types.uint64(types.uint64), codegen
+
+    return popcount
 
 
 def _lookup(sig: Any, mul: Any, add: Any, dir_: Any, shift: Any, padded: Any, heavy_bounds: Any,
@@ -161,10 +183,9 @@ def _lookup(sig: Any, mul: Any, add: Any, dir_: Any, shift: Any, padded: Any, he
         row, differ = cand[j], 0
         for w in range(words):
             x = nibbles[row, w] ^ query[w]
-            x = (x | (x >> _ONE) | (x >> _TWO) | (x >> _THREE)) & _NIBBLE_BIT0   # 1 per differing nibble
-            # Their count: the product's top nibble sums the 15 lower ones (at most 15, no
-            # overflow); the top nibble's own bit is added apart.
-            differ += np.int64(((x & _LOW15) * _NIBBLE_BIT0) >> _SIXTY) + np.int64(x >> _SIXTY)
+            x |= x >> _ONE
+            x |= x >> _TWO                              # bit 0 of a nibble: any of its bits differs
+            differ += np.int64(_popcount(x & _NIBBLE_BIT0))
         if differ <= max_differ:
             cand[kept] = row
             kept += 1
