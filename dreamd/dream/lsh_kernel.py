@@ -6,8 +6,8 @@
 
 Why compiled. The numpy lookup (lsh.BandIndex.candidates, then the comparison in neardup.py)
 is 12-15 numpy calls of ~1 us each whatever the store's size, and a frame-heavy query adds a
-dozen more. One compiled call does the same work: ~3 us at 1e3 stored, ~10 us at 1e6, against
-~13 and ~45 (docs/benchmarks.md, "Near duplicates").
+dozen more. One compiled call does the same work: ~2.5-3 us at 1e3 stored, ~5.5-10 us at 1e6,
+against ~9-13 and ~28-45 (two machines; docs/benchmarks.md, "Near duplicates").
 
 What it computes: the stored row most similar to `sig` with at most `max_differ` of its NUM_PERM
 positions different (ties: the lowest scenario id), as comparing every signature of the sorted
