@@ -67,7 +67,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return run_follower(cfg, world, lambda trainer: RankSide.of(trainer, cfg.engine.tensor_parallel_size))
     code = run_daemon(cfg, once=args.command == "once", schedule=not args.now)
-    finish(world)    # not after an exception: the world may be broken, torchrun ends the others
+    if world is not None:   # not after an exception: the world may be broken, torchrun ends the others
+        from dreamd.engines.vllm_compat import owns_world
+
+        finish(world, end_world=not owns_world())
     return code
 
 

@@ -67,6 +67,9 @@ def test_engine_against_real_vllm(arch: str, tmp_path: Path) -> None:
     assert names == ["generate", "generate", "train", "push", "canary"], names  # awake: no sleep, no wake
     lp = numbers["prefix_cached_greedy_logprob"]
     assert lp["engine"] != lp["before_push"][0]  # the push changed what generation reads
+    # vllm_compat.owns_world: whether vLLM's cleanup will end torch.distributed in this process
+    # (then dreamd's exit under torchrun leaves the default group to it): before, built, closed.
+    assert numbers["owns_world"] == [False, True, False], numbers["owns_world"]
 
 
 def test_dreamd_once_through_vllm(tmp_path: Path) -> None:

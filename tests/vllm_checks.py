@@ -40,6 +40,7 @@ from dreamd.engines.base import Sampling
 from dreamd.engines.canary import canary_probe, compare, default_atol, run_canary, trainer_prompt_logprobs
 from dreamd.engines.ledger import PhaseLedger, cuda_free_bytes
 from dreamd.engines.memory import decide_sleep, estimate_training_memory
+from dreamd.engines import vllm_compat
 from dreamd.engines.vllm import VLLMEngine
 from dreamd.engines.window import TrainingWindow
 from dreamd.models import load_model
@@ -112,11 +113,13 @@ def main(name: str, out_json: Path, device: str) -> None:
     # A daemon's process has loaded numba (its compiled near-duplicate lookup) before an engine
     # is built or rebuilt; vLLM must build beside it (llvmlite, vllm_compat.guard_module_scan).
     assert lsh_kernel.kernel() is not None
+    owns_world = [vllm_compat.owns_world()]      # before, with the engine, after close()
     t0 = time.perf_counter()
     engine = VLLMEngine.create(model_path=path, model=model, tokenizer=tok, seed=0, engine_cfg=engine_cfg, threads=1)
     numbers["create_and_first_push_s"] = time.perf_counter() - t0
     numbers["vllm_version"] = engine.api.version
     assert engine.api.device == device, (engine.api.device, device)
+    owns_world.append(vllm_compat.owns_world())
     numbers["free_engine_awake"] = cuda_free_bytes()
     probe = canary_probe(tok)
     first = run_canary(engine, model, probe)
@@ -219,6 +222,8 @@ def main(name: str, out_json: Path, device: str) -> None:
     numbers["phases"] = [{**r, "started_at": r["started_at"].isoformat()} for r in ledger.rows()]
     numbers["overhead_share"] = ledger.overhead_share()
     numbers["pushes"] = engine.pushes
+    engine.close()
+    numbers["owns_world"] = [*owns_world, vllm_compat.owns_world()]
     out_json.write_text(json.dumps(numbers, indent=1))
     print(json.dumps({k: v for k, v in numbers.items() if k != "phases"}, indent=1))
 

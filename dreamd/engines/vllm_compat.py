@@ -244,6 +244,14 @@ def shutdown(llm: Any) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
+def owns_world() -> bool:
+    """Whether vLLM set up its distributed state in this process: then its cleanup (shutdown(),
+    or its exit hook) ends torch.distributed, and nothing else may destroy the default group
+    first (vLLM would then destroy groups that no longer exist). Never imports vLLM."""
+    state = sys.modules.get("vllm.distributed.parallel_state")
+    return state is not None and getattr(state, "_WORLD", None) is not None
+
+
 def reset_prefix_cache(llm: Any) -> bool:
     return bool(llm.reset_prefix_cache())
 

@@ -376,10 +376,25 @@ class ShardedTrainer(Trainer):
         self.step, self.base_lr, self.nonfinite_in_a_row = 0, self.cfg.lr, 0
 
 
-def finish(world: World | None) -> None:
-    """Rank 0 at exit: the other ranks leave `follow` (best effort: a dead world is torchrun's)."""
+def finish(world: World | None, *, end_world: bool = True) -> None:
+    """Rank 0 at exit: the other ranks leave `follow` (best effort: a dead world is torchrun's),
+    and rank 0 ends its process group as they do. end_world=False: vLLM built its state on this
+    rank and its cleanup ends the world (engines/vllm_compat.owns_world)."""
     if world is not None and world.is_main and dist.is_initialized():
         broadcast(("exit",), world)
+        _settle()
+        if end_world:
+            dist.destroy_process_group()
+
+
+def _settle() -> None:
+    """Every rank, after the exit message: a barrier. gloo's worker thread drops a finished
+    collective's tensors after the caller moved on, and a tensor made in Python needs the GIL
+    to go; at interpreter exit that thread is killed mid-destructor and the process aborts
+    ('terminate called without an active exception', SIGABRT: ~1 exit in 4 of rank 0 on the
+    2-core box, a core dump showed ProcessGroupGloo::runLoop in ~AsyncBroadcastWork). The
+    barrier's wait releases the GIL while the thread finishes; its own tensors are C++'s."""
+    dist.barrier()
 
 
 def follow(trainer: ShardedTrainer, engine_side: Callable[[ShardedTrainer], Any] | None = None) -> int:
@@ -393,6 +408,7 @@ def follow(trainer: ShardedTrainer, engine_side: Callable[[ShardedTrainer], Any]
         message = broadcast(None, trainer.world)
         op = message[0]
         if op == "exit":
+            _settle()
             if side is not None:
                 side.close()      # this rank's vLLM; it ends torch.distributed with it
             return 0
