@@ -74,15 +74,13 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(setup_dir, tmp_path, da
                    "the first step of cycle 2")
         b.send(signal.SIGTERM)
         assert b.wait() == 0, b.log_tail()
+        loop_state = load_checkpoint(final_checkpoint(state_b)).loop_state
         cycles = store_rows(url_b, "SELECT number, status FROM cycles ORDER BY number")
-        late = [c["status"] for c in cycles] == ["committed", "committed"] or \
-            load_checkpoint(final_checkpoint(state_b)).loop_state["step"] >= 9
-        if not late:
+        if [c["status"] for c in cycles] != ["committed", "committed"] and loop_state["step"] < 9:
             break
     stopped = store_rows(url_b, "SELECT number, status, error FROM cycles WHERE status = 'stopped'")
     assert [c["number"] for c in stopped] == [2], store_rows(url_b, "SELECT number, status FROM cycles")
-    k = load_checkpoint(final_checkpoint(state_b)).loop_state["step"]
-    pending = load_checkpoint(final_checkpoint(state_b)).loop_state["pending"]
+    k, pending = loop_state["step"], loop_state["pending"]
     assert STEPS_PER_CYCLE < k < 2 * STEPS_PER_CYCLE, k        # stopped inside cycle 2
     assert len(pending["batches"]) == 2 * STEPS_PER_CYCLE - k
     assert k < 9, "the projection refresh at step 9 must fall inside the resumed window"

@@ -36,11 +36,11 @@ import torch
 
 from dreamd.config import Config, EngineConfig, ModelConfig, OptimizerConfig
 from dreamd.dream import lsh_kernel
+from dreamd.engines import vllm_compat
 from dreamd.engines.base import Sampling
 from dreamd.engines.canary import canary_probe, compare, default_atol, run_canary, trainer_prompt_logprobs
 from dreamd.engines.ledger import PhaseLedger, cuda_free_bytes
 from dreamd.engines.memory import decide_sleep, estimate_training_memory
-from dreamd.engines import vllm_compat
 from dreamd.engines.vllm import VLLMEngine
 from dreamd.engines.window import TrainingWindow
 from dreamd.models import load_model
