@@ -68,13 +68,16 @@ def waiting_progress(decision: Any, now: datetime) -> Progress:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, *, once: bool = False, use_schedule: bool = True):
+    def __init__(self, cfg: Config, *, once: bool = False, use_schedule: bool = True,
+                 process_exits: bool = False):
         from dreamd.service.control import ControlState
         from dreamd.service.notify import SystemdNotifier
 
         self.cfg = cfg
         self.once = once
         self.use_schedule = use_schedule and not once
+        self.process_exits = process_exits
+        """The process exits when run() returns (the CLI): the control signals stay held."""
         self.notifier = SystemdNotifier(unset_environment=True)
         self.control = ControlState(cfg.run.state_dir, on_event=self._on_control_event,
                                     on_pause_change=self._on_pause_change)
@@ -234,7 +237,7 @@ class Daemon:
                 self._record_crash(exc)
                 raise
             finally:
-                self.control.close()
+                self.control.close(process_exits=self.process_exits)
 
     def _record_crash(self, exc: BaseException) -> None:
         """Best effort, for an exception that ends the process (a bug, a usage error found
@@ -424,4 +427,4 @@ class Daemon:
 
 
 def run_daemon(cfg: Config, *, once: bool = False, schedule: bool = True) -> int:
-    return Daemon(cfg, once=once, use_schedule=schedule).run()
+    return Daemon(cfg, once=once, use_schedule=schedule, process_exits=True).run()

@@ -71,7 +71,9 @@ with Pidfile(state_dir):
         step += 1
     say("checkpoint", step=step)
     notifier.stopping()
+control.close(process_exits=True)
 say("exit")
+time.sleep(float(os.environ.get("TEARDOWN_S", "0")))   # a daemon's teardown: engine, store, torch
 '''
 
 
@@ -226,6 +228,21 @@ def test_pause_survives_restart_and_stop_wakes_a_paused_loop(tmp_path, children)
     assert PauseFlag(state_dir).read() is None
     second.proc.send_signal(signal.SIGTERM)
     assert second.proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("late", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT],
+                         ids=lambda s: s.name)
+def test_a_signal_during_teardown_leaves_the_exit_code_alone(tmp_path, children, late):
+    """After the loop ends the process tears down (engine, store, torch): a stop, pause or
+    reload sent then has nothing to act on. It must not kill the process with its default
+    action (-15 after a clean stop, -10 for a late `dreamd pause`)."""
+    child = Child(tmp_path, tmp_path / "state", env={"TEARDOWN_S": "2"})
+    children.append(child)
+    child.wait_for("ready")
+    _send_mid_step(child, signal.SIGINT if late == signal.SIGINT else signal.SIGTERM)
+    child.wait_for("exit")                      # the handlers are held; teardown sleeps 2 s
+    child.proc.send_signal(late)
+    assert child.proc.wait(10) == (-signal.SIGINT if late == signal.SIGINT else 0)
 
 
 def test_stale_pidfiles_are_detected(tmp_path):

@@ -28,11 +28,12 @@ from tests.daemon_process import (
 
 __all__ = ["daemons", "setup_dir"]
 
-# 24 examples in batches of 4: 6 steps per cycle, 12 in all. APOLLO refreshes its random
-# projection every 3 steps, so refreshes at steps 3, 6 and 9 fall on both sides of the stop.
-FIELDS = {"mix__examples_per_cycle": 24, "optimizer__update_proj_gap": 3, "optimizer__rank": 4,
+# 48 examples in batches of 4: 12 steps per cycle, 24 in all. APOLLO refreshes its random
+# projection every 3 steps, so refreshes fall on both sides of a stop anywhere before step 21.
+FIELDS = {"mix__examples_per_cycle": 48, "optimizer__update_proj_gap": 3, "optimizer__rank": 4,
           "checkpoint__keep_last": 10}
-STEPS_PER_CYCLE = 6
+STEPS_PER_CYCLE = 12
+LAST_REFRESH = 21
 
 STEP_SQL = ("SELECT t.step, t.loss, t.grad_norm, t.lr, t.tokens, t.skipped, c.number AS cycle "
             "FROM train_steps t JOIN cycles c ON c.id = t.cycle_id WHERE t.status = 'active' ORDER BY t.step")
@@ -57,10 +58,10 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(setup_dir, tmp_path, da
     assert a.wait(180) == 0, a.log_tail()
 
     # ---- B: SIGTERM while cycle 2 trains, then a new process finishes it --------------------
-    # Cycle 2's six steps take ~0.3 s: on a loaded box the signal can land after the cycle
-    # committed (or past the refresh at step 9), which says nothing about resuming. Such a
-    # miss is run again in a fresh state dir (at most three tries); the try that lands inside
-    # the window is held to every check below.
+    # Cycle 2's twelve steps take ~0.6 s: on a loaded box the signal can land after the cycle
+    # committed (or past the last refresh), which says nothing about resuming. Such a miss is
+    # run again in a fresh state dir (at most three tries); the try that lands inside the
+    # window is held to every check below.
     for attempt in range(3):
         state_b = tmp_path / f"b{attempt}"
         config_b = write_config(setup_dir, tmp_path / f"b{attempt}.toml", state_b, **FIELDS)
@@ -76,14 +77,14 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(setup_dir, tmp_path, da
         assert b.wait() == 0, b.log_tail()
         loop_state = load_checkpoint(final_checkpoint(state_b)).loop_state
         cycles = store_rows(url_b, "SELECT number, status FROM cycles ORDER BY number")
-        if [c["status"] for c in cycles] != ["committed", "committed"] and loop_state["step"] < 9:
+        if [c["status"] for c in cycles] != ["committed", "committed"] and loop_state["step"] < LAST_REFRESH:
             break
     stopped = store_rows(url_b, "SELECT number, status, error FROM cycles WHERE status = 'stopped'")
     assert [c["number"] for c in stopped] == [2], store_rows(url_b, "SELECT number, status FROM cycles")
     k, pending = loop_state["step"], loop_state["pending"]
     assert STEPS_PER_CYCLE < k < 2 * STEPS_PER_CYCLE, k        # stopped inside cycle 2
     assert len(pending["batches"]) == 2 * STEPS_PER_CYCLE - k
-    assert k < 9, "the projection refresh at step 9 must fall inside the resumed window"
+    assert k < LAST_REFRESH, "a projection refresh must fall inside the resumed window"
 
     b2 = DaemonProcess(config_b, state_b, tmp_path / f"b{attempt}-2.log",
                        args=("--now", "--cycles", "1")).start()

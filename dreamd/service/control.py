@@ -9,6 +9,10 @@ Signals (send them to the main PID only: `systemctl kill --kill-whom=main -s USR
     SIGTERM, SIGINT  finish the current step, checkpoint, commit, exit 0
                      (a second SIGINT raises KeyboardInterrupt: Ctrl-C twice aborts now)
 
+Once the loop has ended the daemon holds these signals until its process exits: a late one
+changes nothing (the exit code stays the one the run earned) instead of killing the process
+mid-teardown.
+
 `ControlState`'s signal handlers only set flags, append to a deque and write one byte to a
 non-blocking self-pipe; they do no other I/O and take no lock. The loop polls at step
 boundaries (`step_boundary()` / `poll()`), which is where the pause flag file is written and
@@ -324,10 +328,26 @@ class ControlState:
         except BlockingIOError:
             pass
 
-    def close(self) -> None:
-        self.uninstall()
+    def close(self, *, process_exits: bool = False) -> None:
+        """Put back the handlers install() replaced. With `process_exits` (the daemon's own
+        process, about to exit), hold the signals instead, swapped in one call per signal so
+        no default action is ever armed: a stop, pause or reload that arrives during teardown
+        has nothing left to act on, and the default actions of SIGTERM and SIGUSR1 would kill
+        the exiting process (exit -15 after a clean stop). Ctrl-C twice still aborts."""
+        if process_exits:
+            for sig in self._installed:
+                signal.signal(sig, self._handle_late)
+            self._installed.clear()
+        else:
+            self.uninstall()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+
+    def _handle_late(self, signum: int, _frame: object) -> None:
+        if SIGNAL_ACTIONS[signal.Signals(signum)] == "stop":
+            if signum == signal.SIGINT and self._stop:
+                raise KeyboardInterrupt
+            self._stop = True
 
 
 # ---------------------------------------------------------------------------------------------
