@@ -202,6 +202,7 @@ def neardup(sizes: tuple[int, ...], queries: int, cache: Path) -> list[Row]:
     """Never-repeat lookups with N accepted scenarios stored: the near-duplicate lookup
     (NearDupIndex.find) vs the exact-duplicate lookup (Store.hash_exists), same store, same
     fresh scenarios. Stores are built once and kept in `cache` (outside the repository)."""
+    from dreamd.config import ScreenConfig
     from dreamd.dream.neardup import NearDupIndex
     from dreamd.store import Store
 
@@ -214,7 +215,7 @@ def neardup(sizes: tuple[int, ...], queries: int, cache: Path) -> list[Row]:
         store = Store.open(f"sqlite:///{path}")
         store.upgrade()  # a cache built before a migration
         run_id = store.latest_run().id   # the one run _build_store made: a run's own lookups
-        index = NearDupIndex(store, run_id=run_id)
+        index = NearDupIndex(store, run_id=run_id, read_budget=ScreenConfig().near_dup_rows)
         index.backfill()  # a no-op unless the signature scheme changed since the cache was built
         chunks = [sample[i:i + 10] for i in range(0, len(sample), 10)]
         ta, tb = [], []

@@ -5,6 +5,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/neardup_bench.py --interleaved --stored 1000 1000000
     ... --corpus draws          every draw stored, near copies of each other included
     ... --path numpy            size by size: the numpy lookup instead of the compiled one
+    ... --read-budget all       the exact lookup (default: the daemon's budget, 64 rows)
 
 The same script measures the code before migration 0006 (SQL bands) when run against that tree:
     git archive 7f58333 dreamd migrations | tar -x -C /tmp/nd-before
@@ -53,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dreamd.config import ScreenConfig
 from dreamd.dream import neardup
 from dreamd.dream.neardup import NUM_PERM, SCHEME, jaccard, shingles, signature, to_bytes
 from dreamd.dream.templates import TemplateDreamer
@@ -65,6 +67,7 @@ ROUNDS = 5
 NEW = hasattr(neardup, "bands_needed")   # False: the tree before migration 0006 (SQL bands)
 IMPL = "memory-bands" if NEW else "sql-bands"
 PATH = "compiled"      # --path: NearDupIndex's lookup path (compiled where numba is installed, or numpy)
+BUDGET: int | None = None   # --read-budget: NearDupIndex's read_budget (the daemon's default unless given)
 
 
 def draw(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -271,6 +274,7 @@ def bench(n: int, sigs: np.ndarray, texts: list[str], fresh: tuple[np.ndarray, l
     index = neardup.NearDupIndex(store, threshold=threshold) if NEW else Old(store, threshold)
     if NEW:
         index.compiled = PATH == "compiled"
+        index.read_budget = BUDGET
     open_s, rss_grew = time.perf_counter() - t, rss_mb() - rss0
     queries = list(fresh[0])
     run_lookups(index.find_signature, queries[:50])                      # warm the page cache
@@ -305,31 +309,50 @@ def bench(n: int, sigs: np.ndarray, texts: list[str], fresh: tuple[np.ndarray, l
     return out
 
 
-def interleaved(sizes: list[int], sigs: np.ndarray, queries: list[np.ndarray], threshold: float, kind: str) -> None:
+def interleaved(sizes: list[int], sigs: np.ndarray, texts: list[str], queries: list[np.ndarray],
+                threshold: float, kind: str) -> None:
     """dreamd's index at every size open at once, the same lookups timed round-robin across the
     sizes and both lookup paths (compiled, numpy; each query's fastest of ROUNDS): the growth
     with the store, and the paths against each other, measured side by side under the same
-    load, which the size-by-size runs above are not. The paths' answers are checked equal."""
+    load, which the size-by-size runs above are not. The paths' answers are checked equal.
+    With a read budget, the exact lookup (no budget, compiled) is timed beside them and each
+    size says what the budget lost: fresh draws the exact lookup rejects that it lets pass,
+    planted near copies (500 a size) the exact lookup finds and it does not."""
     indexes = {n: neardup.NearDupIndex(open_store(n, sigs, kind), threshold=threshold) for n in sizes}
     kernel = getattr(neardup, "lsh_kernel", None)      # None: a tree from before the compiled path
     paths = ("compiled", "numpy") if kernel is not None and kernel.kernel() is not None else ("numpy",)
-    for index in indexes.values():
+    variants = {path: (path == "compiled", BUDGET) for path in paths}
+    if BUDGET is not None:
+        variants["exact"] = (paths[0] == "compiled", None)
+    for n, index in indexes.items():
         answers = []
         for path in paths:
-            index.compiled = path == "compiled"
+            index.compiled, index.read_budget = variants[path]
             answers.append([index.find_signature(q) for q in queries])
         assert all(a == answers[0] for a in answers), "the lookup paths disagree"
-    times = {(p, n): [float("inf")] * len(queries) for p in paths for n in sizes}
+        if BUDGET is not None:
+            plants = [q for _, q in planted(texts, n, len(queries), threshold, seed=n)]
+            lost = []
+            for batch in (queries, plants):
+                index.compiled, index.read_budget = variants["exact"]
+                exact = [index.find_signature(q) for q in batch]
+                index.compiled, index.read_budget = variants[paths[0]]
+                budgeted = [index.find_signature(q) for q in batch]
+                assert all(b is None or b.similarity >= threshold for b in budgeted), "a false hit"
+                lost.append((sum(e is not None and b is None for b, e in zip(budgeted, exact)), sum(e is not None for e in exact)))
+            print(f"interleaved stored={n:<8} read_budget={BUDGET}: fresh rejections lost {lost[0][0]} of {lost[0][1]}, "
+                  f"planted finds lost {lost[1][0]} of {lost[1][1]}", flush=True)
+    times = {(p, n): [float("inf")] * len(queries) for p in variants for n in sizes}
     for _ in range(ROUNDS):
-        for path in paths:
+        for path in variants:
             for n, index in indexes.items():
-                index.compiled = path == "compiled"
+                index.compiled, index.read_budget = variants[path]
                 for i, q in enumerate(queries):
                     t = time.perf_counter()
                     index.find_signature(q)
                     times[path, n][i] = min(times[path, n][i], time.perf_counter() - t)
     first = sizes[0]
-    for path in paths:
+    for path in variants:
         for n in sizes:
             mean, median = statistics.mean(times[path, n]) * 1e3, statistics.median(times[path, n]) * 1e3
             ranked = sorted(times[path, n])
@@ -359,17 +382,21 @@ def main() -> None:
                          "draws: every draw, near copies of each other included")
     ap.add_argument("--path", choices=("compiled", "numpy"), default="compiled",
                     help="size by size: the lookup path timed (--interleaved times both)")
+    ap.add_argument("--read-budget", default=str(ScreenConfig().near_dup_rows),
+                    help="NearDupIndex's read_budget (rows), or 'all' for the exact lookup "
+                         "(default: the daemon's, screen.near_dup_read_budget)")
     args = ap.parse_args()
-    global PATH
+    global PATH, BUDGET
     PATH = args.path
-    print(f"impl={IMPL} path={PATH} corpus={args.corpus} threshold={args.threshold} queries={args.queries} "
+    BUDGET = None if args.read_budget in ("all", "None") else int(args.read_budget)
+    print(f"impl={IMPL} path={PATH} read_budget={BUDGET} corpus={args.corpus} threshold={args.threshold} queries={args.queries} "
           f"(+{args.queries} planted) OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     sigs, texts = corpus(args.corpus, args.threshold, max(args.stored))
     fresh = draw(args.queries, QUERY_SEED)
     if args.interleaved:
         if not NEW:
             raise SystemExit("--interleaved: the tree before migration 0006 has no in-memory index")
-        interleaved(args.stored, sigs, list(fresh[0]), args.threshold, args.corpus)
+        interleaved(args.stored, sigs, texts, list(fresh[0]), args.threshold, args.corpus)
         return
     results = {}
     for n in args.stored:

@@ -254,6 +254,25 @@ class ScreenConfig(Section):
     """Near duplicates: a candidate whose estimated Jaccard similarity (MinHash over word
     3-grams of the normalised text) with any accepted scenario in the store reaches this is
     rejected ('near_duplicate: ...'). dreamd/dream/neardup.py; docs/dreaming.md."""
+    near_dup_read_budget: Annotated[int, Field(ge=0)] | Literal["all"] = 64
+    """Near duplicates: the most rows one lookup reads from frame-heavy band buckets (a band
+    key shared by more than 8 stored scenarios, mostly a template's frame words) beyond the
+    k - 1 largest it never needs to read (6 at the default threshold). Keeps the lookup flat as the store grows (1e3 to 1e6 stored);
+    a stored scenario that matches the candidate only on such buckets can be missed (none of
+    480 planted near copies at 1e6 were). "all": read them all, the exact answer of comparing
+    every signature, slower with the store's size. docs/benchmarks.md, "Near duplicates"."""
+
+    @field_validator("near_dup_read_budget", mode="before")
+    @classmethod
+    def _read_budget(cls, value: Any) -> Any:
+        if value == "all" or (type(value) is int and value >= 0):
+            return value
+        raise ValueError('a number of rows >= 0, or "all" (no budget: the exact lookup)')
+
+    @property
+    def near_dup_rows(self) -> int | None:
+        """near_dup_read_budget as NearDupIndex takes it (None: no budget)."""
+        return None if self.near_dup_read_budget == "all" else self.near_dup_read_budget
 
     @model_validator(mode="after")
     def _patterns_compile(self) -> ScreenConfig:

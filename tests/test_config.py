@@ -54,6 +54,8 @@ def test_toml_then_env_precedence(tmp_path):
     ("[optimizer]\nname = 'sgd'\n", "optimizer.name", "'apollo' or 'adamw'"),
     ("[train]\nlearning_rate = 1e-5\n", "train.learning_rate", "unknown"),
     ("[train]\nlr_min = 1e-3\nlr_max = 1e-4\n", "train", "lr_min"),
+    ("[screen]\nnear_dup_read_budget = -1\n", "screen.near_dup_read_budget", 'or "all"'),
+    ("[screen]\nnear_dup_read_budget = 'none'\n", "screen.near_dup_read_budget", 'or "all"'),
 ])
 def test_bad_values_name_field_value_and_allowed(tmp_path, body, field, allowed):
     path = tmp_path / "bad.toml"

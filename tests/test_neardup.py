@@ -195,6 +195,13 @@ def test_band_index_reads_only_the_heavy_buckets_it_must() -> None:
     assert read == 0 and not got.size                 # 6 heavy buckets <= k - 1: none read
     got, read = index.candidates(band_keys(q), 6)
     assert read == 400 and set(got.tolist()) == set(range(400))
+    # A read budget: of the heavy buckets it must read at k = 7 (the 50 and four of 400), only
+    # the smallest whose rows fit. Row 7's twin is then missed unless the 50 fit.
+    for budget, heavy_read in ((None, 50 + 4 * 400), (10_000, 50 + 4 * 400), (850, 50 + 400 + 400),
+                               (849, 50 + 400), (64, 50), (49, 0), (0, 0)):
+        got, read = index.candidates(band_keys(twin), 7, budget)
+        assert read == heavy_read, budget
+        assert set(got.tolist()) == set(range(min(heavy_read, 400))), budget
 
 
 @pytest.fixture(params=[True, False], ids=["compiled", "numpy"])
@@ -248,6 +255,53 @@ def test_both_paths_find_what_comparing_every_signature_finds(compiled: bool) ->
                 assert (None if hit is None else (hit.scenario_id, hit.similarity)) == expected, threshold
                 hits += hit is not None
     assert hits > 1000 and index.find_signature(sigs[1000]).scenario_id == 4000
+
+
+def test_a_read_budget_never_gives_a_false_hit_and_both_paths_agree() -> None:
+    """With a read budget the lookup reads fewer heavy rows: every answer it gives is still a
+    near duplicate (at the threshold by the signatures), the exact answer whenever the rows
+    the exact lookup reads from heavy buckets fit in the budget, and the compiled and numpy
+    paths give the same answers (the same buckets read: ties on size go to the lower id)."""
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 1 << 32, size=(12, NUM_PERM), dtype=np.uint32)
+    share = 0.5 ** np.arange(12)                      # frames of ~1500 rows down to ~1
+    sigs = rng.integers(0, 1 << 32, size=(3000, NUM_PERM), dtype=np.uint32)
+    for i in range(3000):   # template-like: a frame on a random share of the bands
+        mask = np.repeat(rng.random(BANDS) < rng.choice([0.3, 0.6, 0.9]), NUM_PERM // BANDS)
+        sigs[i, mask] = frames[rng.choice(12, p=share / share.sum())][mask]
+    near = sigs[rng.choice(3000, 400)].copy()
+    for q in near:
+        q[rng.choice(NUM_PERM, rng.integers(0, 26), replace=False)] = rng.integers(0, 1 << 32, dtype=np.uint32)
+    ids = np.arange(3000) * 2 + 1
+    index = NearDupIndex(_Memory())
+    index._append(ids, sigs, bulk=True)
+    index.bands.finish_loading()
+    bands = index.bands
+    sizes = np.diff(bands._heavy_bounds)
+
+    def heavy_rows_read(q: np.ndarray) -> int:    # by the exact lookup
+        prefix = band_keys(q) & PREFIX
+        found = np.sort(sizes[np.searchsorted(bands._heavy_prefix, prefix[np.isin(prefix, bands._heavy_prefix)])])
+        return int(found[:max(0, len(found) - (index.k - 1))].sum())
+
+    answers = {}
+    for path in (True, False):
+        index.compiled, index.read_budget = path, None
+        exact = [index.find_signature(q) for q in near]
+        for budget in (0, 9, 64, 300, 5000):
+            index.read_budget = budget
+            got = answers[path, budget] = [index.find_signature(q) for q in near]
+            for q, hit, want in zip(near, got, exact):
+                if hit is not None:           # a true near duplicate, by its signature
+                    row = int(np.flatnonzero(ids == hit.scenario_id)[0])
+                    assert (sigs[row] == q).sum() / NUM_PERM == hit.similarity >= index.threshold
+                if heavy_rows_read(q) <= budget:
+                    assert hit == want, budget
+        lost = [sum(w is not None and g is None for g, w in zip(answers[path, b], exact))
+                for b in (0, 9, 64, 300, 5000)]
+        assert lost == sorted(lost, reverse=True) and len(set(lost)) >= 3 and lost[-1] == 0, lost
+        assert sum(w is not None for w in exact) > 300
+    assert all(answers[True, b] == answers[False, b] for b in (0, 9, 64, 300, 5000))
 
 
 class _Memory:
@@ -473,8 +527,12 @@ def test_near_duplicates_never_pass_after_a_restart(setup_dir: Path, tmp_path: P
     original = parts.store.load_scenarios([first_id])[first_id]
     parts.store.close()
 
-    # A new process: new store connection, new screener, new index; same state dir.
+    # A new process: new store connection, new screener, new index; same state dir. Its index
+    # reads without a budget, as configured (the first one had the default, 64 rows).
+    assert dict(parts.screener.rules)["near_duplicate"].__self__.read_budget == 64
+    env["DREAMD_SCREEN__NEAR_DUP_READ_BUDGET"] = "all"
     parts2, _ = open_run(load_config(setup_dir / "dreamd.toml", environ=env))
+    assert dict(parts2.screener.rules)["near_duplicate"].__self__.read_budget is None
     copy = Scenario(kind=original.kind, source="template", spec=original.spec, meta=dict(original.meta),
                     messages=[dict(m) for m in original.messages], target=original.target + " Done.")
     verdict = parts2.screener(copy)

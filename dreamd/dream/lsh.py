@@ -175,11 +175,13 @@ class BandIndex:
         """The recent adds read through the query's bucket `prefix`es, once per equal band."""
         return [i for p in prefix.tolist() for i in self._recent.get(p, ())]
 
-    def candidates(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    def candidates(self, keys: np.ndarray, k: int, budget: int | None = None) -> tuple[np.ndarray, int]:
         """Rows that may have `k` (>= 1) of the query's band `keys` equal: every row that has,
         and, when the query leaves heavy buckets unread, rows that share fewer (the caller
         verifies the signatures); in no order, possibly repeated. And how many bucket entries
-        the query read (the work it did)."""
+        the query read (the work it did). A read `budget` (rows) caps the heavy buckets read
+        past k - 1 of them (_read_heavy): a row whose k equal bands are all in heavy buckets
+        may then be missed; None reads every one it must."""
         k = max(1, min(k, self.n_bands))
         if self._pending:
             self.finish_loading()
@@ -196,7 +198,7 @@ class BandIndex:
         light = int(rows.searchsorted(FLAG))
         heavy = rows.size - light
         if heavy > k - 1:                              # read all but the k - 1 largest
-            rows = self._read_heavy(rows[:light], rows[light:], k)
+            rows = self._read_heavy(rows[:light], rows[light:], k, budget)
             return rows, rows.size                     # at most k - 1 equal bands unread: any row
         # A row is read once per equal band in a light bucket, and at most `heavy` of its equal
         # bands are in the heavy buckets left unread: one with k equal bands is read at least
@@ -219,11 +221,14 @@ class BandIndex:
         rows, counts = np.unique(np.array(read, dtype=np.int64), return_counts=True)
         return rows[counts >= max(1, k)]
 
-    def _read_heavy(self, light: np.ndarray, refs: np.ndarray, k: int) -> np.ndarray:
-        """The `light` rows and those of the heavy buckets `refs` (FLAG + id) but the k - 1
-        largest (a row with k equal bands is in one of the others)."""
+    def _read_heavy(self, light: np.ndarray, refs: np.ndarray, k: int, budget: int | None) -> np.ndarray:
+        """The `light` rows and those of the heavy buckets `refs` (FLAG + id, sorted) but the
+        k - 1 largest (a row with k equal bands is in one of the others); with a `budget`, of
+        those only the smallest whose rows add up to at most `budget` (ties: the lower id)."""
         ids = (refs - np.uint64(FLAG)).astype(np.intp)
         lo, hi = self._heavy_bounds[ids], self._heavy_bounds[ids + 1]
         read = np.argsort(hi - lo, kind="stable")[:len(ids) - (k - 1)]
+        if budget is not None:
+            read = read[:int(np.searchsorted(np.cumsum((hi - lo)[read]), budget, side="right"))]
         parts = (self._heavy_rows[a:b] for a, b in zip(lo[read].tolist(), hi[read].tolist()))
         return np.concatenate([light, *parts])

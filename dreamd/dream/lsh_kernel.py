@@ -2,7 +2,7 @@
 
     lookup = kernel()          # None where numba does not import: the numpy path is used
     row, equal, compared, read, _ = lookup(sig, mul, add, dir, shift, padded, heavy_bounds,
-                                           heavy_rows, k, sigs, nibbles, ids, max_differ)
+                                           heavy_rows, k, sigs, nibbles, ids, max_differ, budget)
 
 Why compiled. The numpy lookup (lsh.BandIndex.candidates, then the comparison in neardup.py)
 is 12-15 numpy calls of ~1 us each whatever the store's size, and a frame-heavy query adds a
@@ -16,7 +16,9 @@ those of lsh.py, by the same pigeonhole: the band keys; the 32 buckets read thro
 directory (light rows, heavy bucket ids); with at most k - 1 heavy buckets none is read and a
 row is a candidate when read at least k - (heavy buckets) times; with more, all but the k - 1
 largest are read and every row read is a candidate (a repeat is screened again, from cache:
-cheaper than deduplicating through a row-indexed array, measured). Each candidate is screened
+cheaper than deduplicating through a row-indexed array, measured). With a read `budget` >= 0,
+of those only the smallest whose rows add up to at most `budget` (ties: the lower bucket id),
+as lsh.BandIndex._read_heavy; -1: no budget. Each candidate is screened
 on its nibbles (the low 4 bits of each position, one cache line: equal nibbles bound the equal
 positions from above) and the rest compared on all NUM_PERM positions, both without branches
 (faster than stopping early, measured). Each phase first touches what it will read for every
@@ -93,7 +95,7 @@ def _popcount_intrinsic() -> Any:
 
 def _lookup(sig: Any, mul: Any, add: Any, dir_: Any, shift: Any, padded: Any, heavy_bounds: Any,
             heavy_rows: Any, k: int, sigs: Any, nibbles: Any, ids: Any,
-            max_differ: int) -> tuple[int, int, int, int, int]:
+            max_differ: int, budget: int) -> tuple[int, int, int, int, int]:
     n_bands = add.shape[0]
     per_band = sig.shape[0] // n_bands
     prefixes = np.empty(n_bands, dtype=np.uint64)
@@ -133,16 +135,19 @@ def _lookup(sig: Any, mul: Any, add: Any, dir_: Any, shift: Any, padded: Any, he
     # read, and a row is a candidate when read at least k - (heavy buckets) times.
     if n_heavy > k - 1:
         sizes = np.empty(n_heavy, dtype=np.int64)
-        for j in range(n_heavy):                      # sorted by size (insertion: at most 32)
+        for j in range(n_heavy):              # sorted by size, then id (insertion: at most 32)
             h, at = heavy[j], j
             size = heavy_bounds[h + 1] - heavy_bounds[h]
-            while at and sizes[at - 1] > size:
+            while at and (sizes[at - 1] > size or (sizes[at - 1] == size and heavy[at - 1] > h)):
                 sizes[at], heavy[at] = sizes[at - 1], heavy[at - 1]
                 at -= 1
             sizes[at], heavy[at] = size, h
         n_read = n_heavy - (k - 1)                   # the smallest
         total = n_light
         for j in range(n_read):
+            if budget >= 0 and total - n_light + sizes[j] > budget:
+                n_read = j
+                break
             total += sizes[j]
         cand = np.empty(total, dtype=np.int64)
         cand[:n_light] = light[:n_light]

@@ -152,7 +152,8 @@ def open_dreaming(cfg: Config, store: Any, run_id: int, engine: Any,
     from dreamd.dream.taxonomy import load_memories, load_taxonomy
     from dreamd.dream.templates import TemplateDreamer
 
-    near_dups = NearDupIndex(store, threshold=cfg.screen.near_dup_threshold, run_id=run_id)
+    near_dups = NearDupIndex(store, threshold=cfg.screen.near_dup_threshold, run_id=run_id,
+                             read_budget=cfg.screen.near_dup_rows)
     indexed = near_dups.backfill()
     if indexed:
         log.info("dream.near_dup_backfill", indexed=indexed)
