@@ -257,10 +257,11 @@ class ScreenConfig(Section):
     near_dup_read_budget: Annotated[int, Field(ge=0)] | Literal["all"] = 64
     """Near duplicates: the most rows one lookup reads from frame-heavy band buckets (a band
     key shared by more than 8 stored scenarios, mostly a template's frame words) beyond the
-    k - 1 largest it never needs to read (6 at the default threshold). Keeps the lookup flat as the store grows (1e3 to 1e6 stored);
-    a stored scenario that matches the candidate only on such buckets can be missed (none of
-    480 planted near copies at 1e6 were). "all": read them all, the exact answer of comparing
-    every signature, slower with the store's size. docs/benchmarks.md, "Near duplicates"."""
+    k - 1 largest it never needs to read (6 at the default threshold). Keeps the lookup flat
+    as the store grows (1e3 to 1e6 stored); a stored scenario that matches the candidate only
+    on such buckets can be missed (none of 480 planted near copies at 1e6 were). "all": read
+    them all, the exact answer of comparing every signature, slower with the store's size.
+    docs/dreaming.md, "Read budget"; docs/benchmarks.md, "Near duplicates"."""
 
     @field_validator("near_dup_read_budget", mode="before")
     @classmethod

@@ -22,13 +22,15 @@ the threshold by pigeonhole (dreamd/dream/lsh.py): signatures that agree in m = 
 128 positions differ in at most 128 - m, so at least m - 96 bands are equal; k = m - 96 (7 at
 0.8) finds EVERY pair the signature check accepts (the same recall as comparing all signatures)
 while pairs that share a band or two through common frame words (J ~ 0.3-0.6) are never
-compared. Exactly so with read_budget=None. The daemon's default budget (64 rows,
-screen.near_dup_read_budget) caps what a query reads from heavy buckets (more than 8 stored
-scenarios on one band key: a template's frame words) past the k - 1 largest it never reads: a
-stored scenario whose k equal bands all fall in frame buckets beyond the budget is missed. At
-1e6 stored template scenarios that lost none of 480 planted near copies nor of 48 fresh draws
-the exact lookup rejects, and keeps the lookup's time flat (docs/benchmarks.md). Below t = 0.76, k = 1 (any equal band: P = 1 - (1 - J^4)^32, 0.988 at J = 0.6, 0.87
+compared. Below t = 0.76, k = 1 (any equal band: P = 1 - (1 - J^4)^32, 0.988 at J = 0.6, 0.87
 at 0.5). The bands do not depend on the threshold; only k does.
+
+Read budget. All of the above holds with read_budget=None. The daemon's default budget (64
+rows, screen.near_dup_read_budget) caps what a query reads from heavy buckets (more than 8
+stored scenarios on one band key: a template's frame words) past the k - 1 largest it never
+reads: a stored scenario whose k equal bands all fall in frame buckets beyond the budget is
+missed. At 1e6 stored template scenarios that lost none of 480 planted near copies nor of 48
+fresh draws the exact lookup rejects, and keeps the lookup's time flat (docs/benchmarks.md).
 
 Persistence: `minhash_signatures` (scenario id -> 512-byte signature, scheme) is the index's
 only storage, so the check holds across restarts and across runs. When the index opens it reads
