@@ -19,9 +19,12 @@ import torch
 from dreamd.train.checkpoint import latest_complete, load_model_state_dict, verify_checkpoint
 from dreamd.train.sharded_checkpoint import SHARDED_DIR
 from tests.daemon_process import child_env, sqlite_url, store_rows, wait_until, write_config
-from tests.test_resume_exact import FIELDS, STEP_SQL, TRAINED_SQL
+from tests.test_resume_exact import FIELDS as RESUME_FIELDS
+from tests.test_resume_exact import STEP_SQL, TRAINED_SQL
 
 ROOT = Path(__file__).resolve().parents[1]
+# The single-process resume test's config with 24 examples a cycle: 6 steps of 4.
+FIELDS = {**RESUME_FIELDS, "mix__examples_per_cycle": 24}
 STEPS_PER_CYCLE = 6
 
 
