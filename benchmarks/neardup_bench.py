@@ -51,6 +51,7 @@ import re
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -309,6 +310,18 @@ def bench(n: int, sigs: np.ndarray, texts: list[str], fresh: tuple[np.ndarray, l
     return out
 
 
+def budget_losses(index: Any, exact: tuple[bool, None], budgeted: tuple[bool, int], batch: list[np.ndarray],
+                  threshold: float) -> tuple[list, list[int]]:
+    """The exact lookup's answers for `batch`, and the places where the budgeted lookup (an
+    index setting: compiled, read_budget) found nothing the exact one found (never a false hit)."""
+    index.compiled, index.read_budget = exact
+    want = [index.find_signature(q) for q in batch]
+    index.compiled, index.read_budget = budgeted
+    got = [index.find_signature(q) for q in batch]
+    assert all(g is None or g.similarity >= threshold for g in got), "a false hit"
+    return want, [i for i, (g, w) in enumerate(zip(got, want)) if w is not None and g is None]
+
+
 def interleaved(sizes: list[int], sigs: np.ndarray, texts: list[str], fresh: tuple[np.ndarray, list[str]],
                 threshold: float, kind: str) -> None:
     """dreamd's index at every size open at once, the same lookups timed round-robin across the
@@ -335,20 +348,14 @@ def interleaved(sizes: list[int], sigs: np.ndarray, texts: list[str], fresh: tup
         assert all(a == answers[0] for a in answers), "the lookup paths disagree"
         if BUDGET is not None:
             plants = [q for _, q in planted(texts, n, len(queries), threshold, seed=n)]
-            lost = []
-            for batch in (queries, plants):
-                index.compiled, index.read_budget = variants["exact"]
-                exact = [index.find_signature(q) for q in batch]
-                index.compiled, index.read_budget = variants[paths[0]]
-                budgeted = [index.find_signature(q) for q in batch]
-                assert all(b is None or b.similarity >= threshold for b in budgeted), "a false hit"
-                lost.append([i for i, (b, e) in enumerate(zip(budgeted, exact)) if e is not None and b is None])
-                lost.append(exact)
-            true = sum(jaccard(shingles(fresh[1][i]), shingles(texts[lost[1][i].scenario_id - 1])) >= threshold
-                       for i in lost[0])
-            print(f"interleaved stored={n:<8} read_budget={BUDGET}: fresh rejections lost {len(lost[0])} of "
-                  f"{sum(e is not None for e in lost[1])} ({true} a near duplicate by the exact Jaccard), "
-                  f"planted finds lost {len(lost[2])} of {sum(e is not None for e in lost[3])}", flush=True)
+            (fresh_exact, fresh_lost), (plant_exact, plant_lost) = (
+                budget_losses(index, variants["exact"], variants[paths[0]], batch, threshold)
+                for batch in (queries, plants))
+            true = sum(jaccard(shingles(fresh[1][i]), shingles(texts[fresh_exact[i].scenario_id - 1])) >= threshold
+                       for i in fresh_lost)
+            print(f"interleaved stored={n:<8} read_budget={BUDGET}: fresh rejections lost {len(fresh_lost)} of "
+                  f"{sum(e is not None for e in fresh_exact)} ({true} a near duplicate by the exact Jaccard), "
+                  f"planted finds lost {len(plant_lost)} of {sum(e is not None for e in plant_exact)}", flush=True)
     times = {(p, n): [float("inf")] * len(queries) for p in variants for n in sizes}
     for _ in range(ROUNDS):
         for path in variants:
